@@ -1,0 +1,88 @@
+#pragma once
+// The target's storage engine: one io_uring per worker thread, driven from that thread's
+// Boost.Asio io_context. Not thread-safe: every method is called on the owning io thread.
+//
+// Contract (shared by the ibdisk protocol sessions, the NBD front end and `bench --local`):
+// - submit() queues a request; queued SQEs are submitted in one io_uring_submit() per turn
+//   of the io_context (or at once when the submission queue is full), never one syscall each.
+// - Completions are reaped when the ring's eventfd fires; each request's `done` runs on the
+//   io thread with a result: bytes moved (read/write, always the full length: short reads
+//   and writes are requeued for the remainder), 0 (flush/trim/write-zeroes), or -errno.
+// - A read past the end of the file returns -EINVAL; the engine checks offset+length
+//   against the size without overflow (callers check too, for a clear protocol error).
+// - Writes with kIoFua are durable when `done` runs (RWF_DSYNC); kFlush is fdatasync.
+// - kTrim punches a hole (files) or BLKDISCARD (block devices); kWriteZeroes uses
+//   FALLOC_FL_ZERO_RANGE / BLKZEROOUT, falling back to writing zeroes.
+// - Data goes through O_DIRECT when offset, length and buffer are aligned to the logical
+//   block size, through the page cache otherwise.
+// - Buffers registered with register_buffers() are used with READ_FIXED / WRITE_FIXED when
+//   a request names one (fixed_index >= 0).
+#include <sys/uio.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "transport/tcp/asio.h"
+
+namespace ibdisk::target {
+
+enum class IoOp : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4 };
+inline constexpr std::uint32_t kIoFua = 1u << 0;
+
+struct IoRequest {
+  IoOp op = IoOp::kRead;
+  std::uint32_t flags = 0;  // kIoFua
+  std::uint64_t offset = 0;
+  std::uint32_t length = 0;
+  std::byte* data = nullptr;  // read destination / write source; unused otherwise
+  int fixed_index = -1;       // a registered buffer containing `data`, or -1
+  void (*done)(IoRequest* req, int result) = nullptr;
+  void* context = nullptr;    // the caller's; the engine does not touch it
+  // Engine-private progress for requeued short transfers.
+  std::uint32_t done_bytes = 0;
+};
+
+// An open export's storage: a regular file or a block device.
+struct BackingFile {
+  std::string path;
+  int fd = -1;         // buffered
+  int direct_fd = -1;  // O_DIRECT, or -1 when the file system refuses it
+  std::uint64_t size = 0;
+  std::uint32_t logical_block_size = 512;
+  bool read_only = false;
+  bool block_device = false;
+  bool trim_supported = false;
+  ~BackingFile();
+};
+
+// Opens PATH (regular file or block device). Throws SystemError naming the path, the reason
+// and a fix (missing file, permission, a directory, size 0).
+std::shared_ptr<BackingFile> open_backing(const std::string& path, bool read_only);
+
+class StorageEngine {
+ public:
+  struct Options {
+    unsigned queue_depth = 256;  // SQ entries
+  };
+  StorageEngine(boost::asio::io_context& io, Options opts);
+  ~StorageEngine();  // waits for in-flight requests to complete (their callbacks run)
+  StorageEngine(const StorageEngine&) = delete;
+  StorageEngine& operator=(const StorageEngine&) = delete;
+
+  // Registers buffers as io_uring fixed buffers. Call once, before any I/O.
+  void register_buffers(std::span<const iovec> buffers);
+  // Queues req against file. Invalid requests (out of range, write to read-only) complete
+  // through req->done with -EINVAL / -EROFS / -EBADF without touching the file.
+  void submit(BackingFile& file, IoRequest* req);
+  // Requests submitted and not yet completed.
+  unsigned in_flight() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ibdisk::target

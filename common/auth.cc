@@ -1,0 +1,107 @@
+#include "common/auth.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+
+#include "common/error.h"
+
+namespace ibdisk {
+
+std::string load_key_file(const std::string& path) {
+  struct stat st{};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw SystemError("reading key file " + path, errno, "create one with `ibdisk keygen " + path + "`");
+  }
+  if (st.st_mode & 077) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
+    throw SystemError("key file " + path, std::string("group or others can read it (mode ") + mode + ")",
+                      "run `chmod 600 " + path + "`");
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  std::string key = ss.str();
+  const auto first = key.find_first_not_of(" \t\r\n");
+  const auto last = key.find_last_not_of(" \t\r\n");
+  key = first == std::string::npos ? std::string() : key.substr(first, last - first + 1);
+  if (key.size() < 16) {
+    throw SystemError("key file " + path, "the key has " + std::to_string(key.size()) + " bytes, at least 16 are needed",
+                      "create a new one with `ibdisk keygen FILE`");
+  }
+  return key;
+}
+
+void write_new_key_file(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) {
+    throw SystemError("creating key file " + path, errno,
+                      errno == EEXIST ? "it exists already; remove it first to replace the key" : "");
+  }
+  static constexpr char kHex[] = "0123456789abcdef";
+  const std::string raw = random_bytes(32);
+  std::string text;
+  for (const unsigned char c : raw) {
+    text.push_back(kHex[c >> 4]);
+    text.push_back(kHex[c & 0xf]);
+  }
+  text.push_back('\n');
+  const bool ok = ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  const int err = errno;
+  ::close(fd);
+  if (!ok) throw SystemError("writing key file " + path, err);
+}
+
+Sha256 hmac_sha256(std::string_view key, std::string_view data) {
+  Sha256 out{};
+  unsigned int len = 0;
+  if (!HMAC(EVP_sha256(), key.data(), static_cast<int>(key.size()), reinterpret_cast<const unsigned char*>(data.data()),
+            data.size(), out.data(), &len) ||
+      len != out.size()) {
+    throw SystemError("HMAC-SHA256", std::string("OpenSSL refused"));
+  }
+  return out;
+}
+
+bool constant_time_equal(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+std::string random_bytes(std::size_t n) {
+  std::string out(n, '\0');
+  if (RAND_bytes(reinterpret_cast<unsigned char*>(out.data()), static_cast<int>(n)) != 1) {
+    throw SystemError("RAND_bytes", std::string("OpenSSL's random generator failed"));
+  }
+  return out;
+}
+
+namespace {
+std::string mac_of(std::string_view key, std::string_view label, std::string_view a, std::string_view b) {
+  std::string msg(label);
+  msg.append(a);
+  msg.append(b);
+  const Sha256 d = hmac_sha256(key, msg);
+  return std::string(reinterpret_cast<const char*>(d.data()), d.size());
+}
+}  // namespace
+
+std::string client_mac(std::string_view key, std::string_view server_nonce, std::string_view client_nonce) {
+  return mac_of(key, "ibdisk-auth-client-v1", server_nonce, client_nonce);
+}
+
+std::string server_mac(std::string_view key, std::string_view server_nonce, std::string_view client_nonce) {
+  return mac_of(key, "ibdisk-auth-server-v1", client_nonce, server_nonce);
+}
+
+}  // namespace ibdisk

@@ -1,0 +1,26 @@
+#pragma once
+// Pre-shared-key authentication: HMAC-SHA256 challenge-response (OpenSSL libcrypto).
+#include <string>
+#include <string_view>
+
+#include "common/checksum.h"
+
+namespace ibdisk {
+
+// Reads a key file. Refuses (SystemError naming the file, the reason and the chmod to run)
+// a file that group or others can read, an empty file, or one shorter than 16 bytes.
+// Surrounding whitespace is not part of the key.
+std::string load_key_file(const std::string& path);
+
+// Writes a new random key (32 bytes, hex) to path with mode 0600; refuses to overwrite.
+void write_new_key_file(const std::string& path);
+
+Sha256 hmac_sha256(std::string_view key, std::string_view data);
+bool constant_time_equal(std::string_view a, std::string_view b);
+std::string random_bytes(std::size_t n);
+
+// The MACs of proto/ibdisk.proto's Auth and Welcome messages.
+std::string client_mac(std::string_view key, std::string_view server_nonce, std::string_view client_nonce);
+std::string server_mac(std::string_view key, std::string_view server_nonce, std::string_view client_nonce);
+
+}  // namespace ibdisk

@@ -1,0 +1,508 @@
+#include "transport/tcp/tcp_connection.h"
+
+#include <deque>
+#include <unordered_map>
+
+#include "common/error.h"
+#include "common/log.h"
+
+namespace ibdisk::transport {
+namespace {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+using boost::system::error_code;
+
+auto log() {
+  static auto l = ibdisk::logger("tcp");
+  return l;
+}
+
+void tune(tcp::socket& s) {
+  error_code ec;
+  s.set_option(tcp::no_delay(true), ec);
+  s.set_option(asio::socket_base::send_buffer_size(4 << 20), ec);
+  s.set_option(asio::socket_base::receive_buffer_size(4 << 20), ec);
+}
+
+std::string endpoint_text(const tcp::socket& s) {
+  error_code ec;
+  const auto ep = s.remote_endpoint(ec);
+  if (ec) return "(disconnected)";
+  return (ep.address().is_v6() ? "[" + ep.address().to_string() + "]" : ep.address().to_string()) + ":" +
+         std::to_string(ep.port());
+}
+
+// One queued output frame: header and capsule (or control bytes), then optional data.
+struct OutFrame {
+  std::array<std::byte, wire::kFrameHeaderSize + wire::kCommandSize> head{};
+  std::size_t head_len = 0;
+  std::string control;  // serialized protobuf, for control frames
+  const std::byte* data = nullptr;
+  std::size_t data_len = 0;
+  Slot* release = nullptr;  // a read's slot, free again once sent
+};
+
+// Output queue shared by both roles: frames queue while a write is in progress, then go out
+// together in one gathered write.
+class Writer {
+ public:
+  explicit Writer(tcp::socket& s) : sock_(s) {}
+  template <typename OnDone>
+  void push(OutFrame&& f, OnDone&& on_sent) {
+    pending_.push_back(std::move(f));
+    if (!busy_) flush(std::forward<OnDone>(on_sent));
+  }
+  template <typename OnDone>
+  void flush(OnDone on_sent) {
+    if (pending_.empty()) return;
+    busy_ = true;
+    writing_.clear();
+    std::swap(writing_, pending_);
+    bufs_.clear();
+    for (auto& f : writing_) {
+      if (f.head_len) bufs_.emplace_back(f.head.data(), f.head_len);
+      if (!f.control.empty()) bufs_.emplace_back(f.control.data(), f.control.size());
+      if (f.data_len) bufs_.emplace_back(f.data, f.data_len);
+    }
+    asio::async_write(sock_, bufs_, [this, on_sent](const error_code& ec, std::size_t) {
+      busy_ = false;
+      on_sent(ec, writing_);
+      if (!ec) flush(on_sent);
+    });
+  }
+  bool idle() const { return !busy_ && pending_.empty(); }
+
+ private:
+  tcp::socket& sock_;
+  std::deque<OutFrame> pending_;
+  std::deque<OutFrame> writing_;
+  std::vector<asio::const_buffer> bufs_;
+  bool busy_ = false;
+};
+
+OutFrame control_frame(const proto::Control& msg) {
+  OutFrame f;
+  f.control = msg.SerializeAsString();
+  wire::encode(wire::FrameHeader{wire::FrameType::kControl, static_cast<std::uint32_t>(f.control.size())},
+               f.head.data());
+  f.head_len = wire::kFrameHeaderSize;
+  return f;
+}
+
+proto::Control error_message(proto::ErrorCode code, const std::string& text) {
+  proto::Control c;
+  c.mutable_error()->set_code(code);
+  c.mutable_error()->set_message(text);
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------
+class TcpServerConnection final : public ServerConnection,
+                                  public std::enable_shared_from_this<TcpServerConnection> {
+ public:
+  TcpServerConnection(tcp::socket s, BufferPool& pool)
+      : sock_(std::move(s)), pool_(pool), writer_(sock_), peer_(endpoint_text(sock_)) {
+    tune(sock_);
+  }
+  ~TcpServerConnection() override { pool_.release(slots_); }
+
+  std::string transport_name() const override { return "tcp"; }
+  std::string peer() const override { return peer_; }
+
+  void start(Handler* handler) override {
+    handler_ = handler;
+    read_header();
+  }
+
+  void send_control(const proto::Control& msg) override { push(control_frame(msg)); }
+
+  unsigned set_queue(unsigned queue_depth, std::uint32_t max_io) override {
+    if (!slots_.empty() || max_io > pool_.slot_size()) return static_cast<unsigned>(slots_.size());
+    slots_ = pool_.reserve(queue_depth);
+    free_.clear();
+    for (auto& s : slots_) free_.push_back(&s);
+    return static_cast<unsigned>(slots_.size());
+  }
+
+  void complete(const wire::Command& cmd, std::int32_t status, Slot* slot, std::uint32_t length) override {
+    OutFrame f;
+    const bool with_data = status == 0 && cmd.opcode == wire::Opcode::kRead && slot != nullptr;
+    const std::uint32_t data_len = with_data ? length : 0;
+    wire::encode(wire::FrameHeader{wire::FrameType::kCompletion,
+                                   static_cast<std::uint32_t>(wire::kCompletionSize + data_len)},
+                 f.head.data());
+    wire::encode(wire::Completion{cmd.tag, status, data_len}, f.head.data() + wire::kFrameHeaderSize);
+    f.head_len = wire::kFrameHeaderSize + wire::kCompletionSize;
+    if (with_data) {
+      f.data = slot->data;
+      f.data_len = data_len;
+      f.release = slot;
+    } else if (slot) {
+      free_.push_back(slot);
+    }
+    push(std::move(f));
+  }
+
+  void close() override {
+    closing_ = true;
+    if (writer_.idle()) shutdown();
+  }
+
+ private:
+  void push(OutFrame&& f) {
+    if (dead_) {
+      if (f.release) free_.push_back(f.release);
+      return;
+    }
+    auto self = shared_from_this();
+    writer_.push(std::move(f), [self](const error_code& ec, std::deque<OutFrame>& sent) {
+      for (auto& s : sent) {
+        if (s.release) self->free_.push_back(s.release);
+      }
+      if (ec) {
+        self->fail("sending: " + ec.message());
+      } else if (self->closing_ && self->writer_.idle()) {
+        self->shutdown();
+      }
+    });
+  }
+
+  void shutdown() {
+    error_code ec;
+    sock_.shutdown(tcp::socket::shutdown_both, ec);
+    sock_.close(ec);
+  }
+
+  // Reports the end once; the session keeps this object alive until its I/O drains.
+  void fail(const std::string& reason) {
+    if (dead_) return;
+    dead_ = true;
+    shutdown();
+    if (handler_) handler_->on_closed(reason);
+  }
+
+  // A protocol violation: tell the peer why (best effort), then close.
+  void violation(const std::string& what) {
+    log()->warn("{}: protocol error: {}; closing the connection", peer_, what);
+    closing_ = true;
+    OutFrame f = control_frame(error_message(proto::ERROR_PROTOCOL, what));
+    auto self = shared_from_this();
+    writer_.push(std::move(f), [self, what](const error_code&, std::deque<OutFrame>&) {
+      self->fail("protocol error: " + what);
+    });
+  }
+
+  void read_header() {
+    auto self = shared_from_this();
+    asio::async_read(sock_, asio::buffer(hdr_), [self](const error_code& ec, std::size_t) {
+      if (ec) return self->fail(ec == asio::error::eof ? "closed by peer" : ec.message());
+      if (self->closing_) return;
+      wire::FrameHeader h;
+      if (const auto e = wire::decode(self->hdr_, &h); e != wire::DecodeError::kNone) {
+        return self->violation(std::string("frame header: ") + wire::describe(e));
+      }
+      self->on_header(h);
+    });
+  }
+
+  void on_header(const wire::FrameHeader& h) {
+    auto self = shared_from_this();
+    switch (h.type) {
+      case wire::FrameType::kControl:
+        ctrl_.resize(h.length);
+        asio::async_read(sock_, asio::buffer(ctrl_), [self](const error_code& ec, std::size_t) {
+          if (ec) return self->fail(ec.message());
+          proto::Control msg;
+          if (!msg.ParseFromArray(self->ctrl_.data(), static_cast<int>(self->ctrl_.size())) ||
+              msg.msg_case() == proto::Control::MSG_NOT_SET) {
+            return self->violation("malformed control message");
+          }
+          self->handler_->on_control(msg);
+          if (!self->dead_) self->read_header();
+        });
+        return;
+      case wire::FrameType::kCommand:
+        if (h.length < wire::kCommandSize) return violation("command frame shorter than a capsule");
+        asio::async_read(sock_, asio::buffer(cap_), [self, h](const error_code& ec, std::size_t) {
+          if (ec) return self->fail(ec.message());
+          self->on_capsule(h);
+        });
+        return;
+      case wire::FrameType::kCompletion:
+        return violation("a target does not accept completions");
+    }
+  }
+
+  void on_capsule(const wire::FrameHeader& h) {
+    wire::Command cmd;
+    if (const auto e = wire::decode(cap_, &cmd); e != wire::DecodeError::kNone) {
+      return violation(std::string("command: ") + wire::describe(e));
+    }
+    const bool write = cmd.opcode == wire::Opcode::kWrite;
+    const std::uint32_t payload = h.length - static_cast<std::uint32_t>(wire::kCommandSize);
+    if (payload != (write ? cmd.length : 0u)) return violation("frame length does not match the command");
+    Slot* slot = nullptr;
+    if (cmd.opcode == wire::Opcode::kRead || write) {
+      if (slots_.empty()) return violation("data command before the queue was granted");
+      if (cmd.length > slots_.front().capacity) return violation("command longer than the granted I/O size");
+      if (free_.empty()) return violation("more commands in flight than the granted queue depth");
+      slot = free_.back();
+      free_.pop_back();
+    }
+    if (!write) {
+      handler_->on_command(cmd, slot);
+      if (!dead_) read_header();
+      return;
+    }
+    auto self = shared_from_this();
+    asio::async_read(sock_, asio::buffer(slot->data, cmd.length), [self, cmd, slot](const error_code& ec, std::size_t) {
+      if (ec) {
+        self->free_.push_back(slot);
+        return self->fail(ec.message());
+      }
+      self->handler_->on_command(cmd, slot);
+      if (!self->dead_) self->read_header();
+    });
+  }
+
+  tcp::socket sock_;
+  BufferPool& pool_;
+  Writer writer_;
+  std::string peer_;
+  Handler* handler_ = nullptr;
+  std::vector<Slot> slots_;
+  std::vector<Slot*> free_;
+  std::array<std::byte, wire::kFrameHeaderSize> hdr_{};
+  std::array<std::byte, wire::kCommandSize> cap_{};
+  std::vector<char> ctrl_;
+  bool closing_ = false;
+  bool dead_ = false;
+};
+
+// ---------------------------------------------------------------------------------------------
+class TcpClientConnection final : public ClientConnection {
+ public:
+  TcpClientConnection(asio::io_context& io, tcp::socket s, std::chrono::milliseconds timeout)
+      : io_(io), sock_(std::move(s)), writer_(sock_), peer_(endpoint_text(sock_)), timeout_(timeout) {
+    tune(sock_);
+  }
+  ~TcpClientConnection() override {
+    error_code ec;
+    sock_.close(ec);
+  }
+
+  std::string transport_name() const override { return "tcp"; }
+  std::string peer() const override { return peer_; }
+
+  proto::Control call(const proto::Control& request) override {
+    if (started_) throw SystemError("control call to " + peer_, std::string("the queue is in its data phase"));
+    const std::string body = request.SerializeAsString();
+    std::array<std::byte, wire::kFrameHeaderSize> head{};
+    wire::encode(wire::FrameHeader{wire::FrameType::kControl, static_cast<std::uint32_t>(body.size())}, head.data());
+    bool done = false;
+    error_code err;
+    wire::FrameHeader h;
+    std::vector<char> reply;
+    const std::array<asio::const_buffer, 2> out{asio::buffer(head), asio::buffer(body)};
+    asio::async_write(sock_, out, [&](const error_code& ec, std::size_t) {
+      if (ec) { err = ec; done = true; return; }
+      asio::async_read(sock_, asio::buffer(hdr_), [&](const error_code& ec2, std::size_t) {
+        if (ec2) { err = ec2; done = true; return; }
+        if (wire::decode(hdr_, &h) != wire::DecodeError::kNone || h.type != wire::FrameType::kControl) {
+          err = asio::error::invalid_argument;
+          done = true;
+          return;
+        }
+        reply.resize(h.length);
+        asio::async_read(sock_, asio::buffer(reply), [&](const error_code& ec3, std::size_t) {
+          err = ec3;
+          done = true;
+        });
+      });
+    });
+    if (!run_until(io_, [&] { return done; }, timeout_)) {
+      error_code ec;
+      sock_.close(ec);
+      run_until(io_, [&] { return done; }, std::chrono::milliseconds(1000));
+      throw SystemError("waiting for " + peer_, "no answer within " + std::to_string(timeout_.count()) + " ms",
+                        "is the target overloaded or the network down?", ETIMEDOUT);
+    }
+    if (err == asio::error::invalid_argument) {
+      throw SystemError("reading the reply from " + peer_, std::string("not an ibdisk control frame"),
+                        "is this port an ibdisk target (default 7420), not NBD (10809)?");
+    }
+    if (err) {
+      throw SystemError("talking to " + peer_, err == asio::error::eof ? std::string("the target closed the connection")
+                                                                       : err.message(),
+                        "see the target's log for why");
+    }
+    proto::Control msg;
+    if (!msg.ParseFromArray(reply.data(), static_cast<int>(reply.size()))) {
+      throw SystemError("reading the reply from " + peer_, std::string("malformed control message"));
+    }
+    return msg;
+  }
+
+  void start(CompletionHandler on_complete, ClosedHandler on_closed) override {
+    started_ = true;
+    on_complete_ = std::move(on_complete);
+    on_closed_ = std::move(on_closed);
+    read_header();
+  }
+
+  int submit(const wire::Command& cmd, std::byte* buffer) override {
+    if (dead_) return -ENOTCONN;
+    if (!inflight_.emplace(cmd.tag, Pending{cmd, buffer}).second) return -EEXIST;
+    OutFrame f;
+    const bool write = cmd.opcode == wire::Opcode::kWrite;
+    wire::encode(wire::FrameHeader{wire::FrameType::kCommand,
+                                   static_cast<std::uint32_t>(wire::kCommandSize + (write ? cmd.length : 0))},
+                 f.head.data());
+    wire::encode(cmd, f.head.data() + wire::kFrameHeaderSize);
+    f.head_len = wire::kFrameHeaderSize + wire::kCommandSize;
+    if (write) {
+      f.data = buffer;
+      f.data_len = cmd.length;
+    }
+    writer_.push(std::move(f), [this](const error_code& ec, std::deque<OutFrame>&) {
+      if (ec) fail("sending: " + ec.message());
+    });
+    return 0;
+  }
+
+  void close() override {
+    error_code ec;
+    sock_.shutdown(tcp::socket::shutdown_both, ec);
+    sock_.close(ec);
+  }
+
+ private:
+  struct Pending {
+    wire::Command cmd;
+    std::byte* buffer;
+  };
+
+  void fail(const std::string& reason) {
+    if (dead_) return;
+    dead_ = true;
+    error_code ec;
+    sock_.close(ec);
+    if (on_closed_) on_closed_(reason);
+  }
+
+  void read_header() {
+    asio::async_read(sock_, asio::buffer(hdr_), [this](const error_code& ec, std::size_t) {
+      if (ec) return fail(ec == asio::error::eof ? "the target closed the connection" : ec.message());
+      wire::FrameHeader h;
+      if (const auto e = wire::decode(hdr_, &h); e != wire::DecodeError::kNone) {
+        return fail(std::string("bad frame from the target: ") + wire::describe(e));
+      }
+      if (h.type == wire::FrameType::kControl) {
+        ctrl_.resize(h.length);
+        asio::async_read(sock_, asio::buffer(ctrl_), [this](const error_code& ec2, std::size_t) {
+          if (ec2) return fail(ec2.message());
+          proto::Control msg;
+          if (msg.ParseFromArray(ctrl_.data(), static_cast<int>(ctrl_.size())) && msg.has_error()) {
+            return fail("the target closed the queue: " + msg.error().message());
+          }
+          fail("unexpected control message during the data phase");
+        });
+        return;
+      }
+      if (h.type != wire::FrameType::kCompletion || h.length < wire::kCompletionSize) {
+        return fail("unexpected frame type from the target");
+      }
+      asio::async_read(sock_, asio::buffer(comp_), [this, h](const error_code& ec2, std::size_t) {
+        if (ec2) return fail(ec2.message());
+        on_completion(h);
+      });
+    });
+  }
+
+  void on_completion(const wire::FrameHeader& h) {
+    wire::Completion c;
+    if (const auto e = wire::decode(comp_, &c); e != wire::DecodeError::kNone) {
+      return fail(std::string("bad completion from the target: ") + wire::describe(e));
+    }
+    const auto it = inflight_.find(c.tag);
+    if (it == inflight_.end()) return fail("completion for an unknown tag " + std::to_string(c.tag));
+    const Pending p = it->second;
+    const std::uint32_t payload = h.length - static_cast<std::uint32_t>(wire::kCompletionSize);
+    if (payload != c.length || (payload && (p.cmd.opcode != wire::Opcode::kRead || payload != p.cmd.length))) {
+      return fail("completion length does not match the command");
+    }
+    if (payload == 0) {
+      inflight_.erase(it);
+      on_complete_(c);
+      if (!dead_) read_header();
+      return;
+    }
+    asio::async_read(sock_, asio::buffer(p.buffer, payload), [this, c](const error_code& ec, std::size_t) {
+      if (ec) return fail(ec.message());
+      inflight_.erase(c.tag);
+      on_complete_(c);
+      if (!dead_) read_header();
+    });
+  }
+
+  asio::io_context& io_;
+  tcp::socket sock_;
+  Writer writer_;
+  std::string peer_;
+  std::chrono::milliseconds timeout_;
+  bool started_ = false;
+  bool dead_ = false;
+  CompletionHandler on_complete_;
+  ClosedHandler on_closed_;
+  std::unordered_map<std::uint64_t, Pending> inflight_;
+  std::array<std::byte, wire::kFrameHeaderSize> hdr_{};
+  std::array<std::byte, wire::kCompletionSize> comp_{};
+  std::vector<char> ctrl_;
+};
+
+}  // namespace
+
+bool run_until(asio::io_context& io, const std::function<bool()>& done, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!done()) {
+    const auto left = deadline - std::chrono::steady_clock::now();
+    if (left <= std::chrono::steady_clock::duration::zero()) return false;
+    io.restart();
+    io.run_one_for(left);
+  }
+  return true;
+}
+
+std::shared_ptr<ServerConnection> make_tcp_server_connection(tcp::socket socket, BufferPool& pool) {
+  return std::make_shared<TcpServerConnection>(std::move(socket), pool);
+}
+
+std::unique_ptr<ClientConnection> tcp_connect(asio::io_context& io, const std::string& host, std::uint16_t port,
+                                              std::chrono::milliseconds timeout) {
+  const std::string where = host + ":" + std::to_string(port);
+  tcp::resolver resolver(io);
+  error_code ec;
+  const auto endpoints = resolver.resolve(host, std::to_string(port), ec);
+  if (ec) throw SystemError("resolving '" + host + "'", ec.message(), "give an IP address or a resolvable name");
+  tcp::socket sock(io);
+  bool done = false;
+  asio::async_connect(sock, endpoints, [&](const error_code& e, const tcp::endpoint&) {
+    ec = e;
+    done = true;
+  });
+  if (!run_until(io, [&] { return done; }, timeout)) {
+    sock.close(ec);
+    run_until(io, [&] { return done; }, std::chrono::milliseconds(1000));
+    throw SystemError("TCP connect to " + where, "no answer within " + std::to_string(timeout.count()) + " ms",
+                      "is the target up and the address reachable (firewall)?", ETIMEDOUT);
+  }
+  if (ec) {
+    throw SystemError("TCP connect to " + where, ec.message(),
+                      ec == asio::error::connection_refused ? "is `ibdisk serve` running there, on this port?"
+                                                             : "check the address and the network");
+  }
+  return std::make_unique<TcpClientConnection>(io, std::move(sock), timeout);
+}
+
+}  // namespace ibdisk::transport

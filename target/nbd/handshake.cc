@@ -1,0 +1,150 @@
+#include "target/nbd/handshake.h"
+
+#include <algorithm>
+
+namespace ibdisk::nbd {
+
+std::uint16_t transmission_flags(const ExportFacts& facts, bool structured) {
+  std::uint16_t f = kFlagHasFlags | kFlagSendFlush | kFlagSendFua;
+  if (facts.read_only) {
+    f |= kFlagReadOnly;
+  } else {
+    f |= kFlagSendWriteZeroes;
+    if (facts.trim) f |= kFlagSendTrim;
+  }
+  // Every read goes out as one chunk, so "don't fragment" costs nothing.
+  if (structured) f |= kFlagSendDf;
+  // All connections share one backing file (one page cache, fdatasync on the same inode), so
+  // FLUSH and FUA on one connection cover the others. Exclusive exports admit one writer
+  // connection anyway: advertising multi-conn there would make nbdcopy open a second one.
+  if (facts.read_only || facts.shared) f |= kFlagCanMultiConn;
+  return f;
+}
+
+Handshake::Next Handshake::on_client_flags(std::span<const std::byte> bytes) {
+  const Parse p = parse_client_flags(bytes, &client_flags_);
+  if (p != Parse::kOk) {
+    reason_ = std::string("client flags ") + to_string(p) +
+              " (the client set flags this server did not offer; the protocol requires closing)";
+    return Next::kClose;
+  }
+  return Next::kOption;
+}
+
+Handshake::Next Handshake::refuse(std::vector<std::byte>& out, std::uint32_t option, std::uint32_t type,
+                                  std::string message) {
+  append_option_error(out, option, type, message);
+  last_error_ = type;
+  reason_ = std::move(message);
+  return Next::kOption;
+}
+
+std::string Handshake::resolve(std::string_view name) const {
+  if (!name.empty()) return std::string(name);
+  const auto all = catalog_.names();
+  return all.size() == 1 ? all.front() : std::string();
+}
+
+namespace {
+std::string joined(const std::vector<std::string>& names) {
+  std::string s;
+  for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
+  return s.empty() ? "none" : s;
+}
+
+std::uint32_t refusal_reply(Refusal r) { return r == Refusal::kUnknown ? kRepErrUnknown : kRepErrPolicy; }
+}  // namespace
+
+Handshake::Next Handshake::on_option(std::uint32_t option, std::span<const std::byte> data,
+                                     std::vector<std::byte>& out) {
+  last_error_ = 0;
+  if (++options_ > kMaxOptions) {
+    reason_ = "more than " + std::to_string(kMaxOptions) + " options without entering transmission";
+    return Next::kClose;
+  }
+  switch (option) {
+    case kOptExportName:
+      return export_name(data, out);
+    case kOptAbort:
+      append_option_reply(out, option, kRepAck);
+      reason_ = "client aborted the handshake (NBD_OPT_ABORT)";
+      return Next::kClose;
+    case kOptList:
+      if (!data.empty()) return refuse(out, option, kRepErrInvalid, "NBD_OPT_LIST takes no data");
+      for (const auto& n : catalog_.names()) append_rep_server(out, option, n);
+      append_option_reply(out, option, kRepAck);
+      return Next::kOption;
+    case kOptStartTls:
+      return refuse(out, option, kRepErrPolicy,
+                    "this server does not offer TLS; it serves plain NBD to the networks it allows");
+    case kOptInfo:
+    case kOptGo:
+      return info_or_go(option, data, out);
+    case kOptStructuredReply:
+      if (!data.empty()) return refuse(out, option, kRepErrInvalid, "NBD_OPT_STRUCTURED_REPLY takes no data");
+      structured_ = true;
+      append_option_reply(out, option, kRepAck);
+      return Next::kOption;
+    case kOptListMetaContext:
+    case kOptSetMetaContext:
+      return refuse(out, option, kRepErrUnsup, "this server offers no metadata contexts (no block status)");
+    default:
+      return refuse(out, option, kRepErrUnsup, "option " + std::to_string(option) + " is not supported by this server");
+  }
+}
+
+Handshake::Next Handshake::info_or_go(std::uint32_t option, std::span<const std::byte> data,
+                                      std::vector<std::byte>& out) {
+  const char* what = option == kOptGo ? "NBD_OPT_GO" : "NBD_OPT_INFO";
+  ExportQuery q;
+  if (parse_export_query(data, &q) != Parse::kOk) {
+    return refuse(out, option, kRepErrInvalid,
+                  std::string(what) + " data is malformed (name length, info count and option length disagree)");
+  }
+  const std::string name = resolve(q.name);
+  if (name.empty()) {
+    return refuse(out, option, kRepErrUnknown,
+                  "no default export here: name one of the exports (" + joined(catalog_.names()) + ")");
+  }
+  CatalogAnswer a = option == kOptGo ? catalog_.open(name) : catalog_.probe(name);
+  if (a.refusal != Refusal::kNone) return refuse(out, option, refusal_reply(a.refusal), std::move(a.message));
+
+  const std::uint16_t flags = transmission_flags(a.facts, structured_);
+  append_info_export(out, option, a.facts.size, flags);
+  if (q.requests(kInfoName)) append_info_string(out, option, kInfoName, a.facts.name);
+  if (q.requests(kInfoBlockSize)) {
+    // Any alignment works (unaligned I/O goes through the page cache); the logical block
+    // size, at least a page, is what is fast.
+    const std::uint32_t preferred = std::clamp<std::uint32_t>(a.facts.block_size, 4096, kMaxPayload);
+    append_info_block_size(out, option, 1, preferred, kMaxPayload);
+  }
+  append_option_reply(out, option, kRepAck);
+  if (option == kOptInfo) return Next::kOption;
+  transmission_ = {std::move(a.facts), flags, structured_};
+  return Next::kTransmission;
+}
+
+Handshake::Next Handshake::export_name(std::span<const std::byte> data, std::vector<std::byte>& out) {
+  std::string_view requested;
+  if (parse_export_name(data, &requested) != Parse::kOk) {
+    reason_ = "NBD_OPT_EXPORT_NAME with a malformed name";
+    return Next::kClose;
+  }
+  const std::string name = resolve(requested);
+  if (name.empty()) {
+    reason_ = "no default export here: name one of the exports (" + joined(catalog_.names()) + ")";
+    return Next::kClose;
+  }
+  CatalogAnswer a = catalog_.open(name);
+  if (a.refusal != Refusal::kNone) {
+    // This option cannot carry an error: the protocol says to close.
+    reason_ = std::move(a.message);
+    return Next::kClose;
+  }
+  const std::uint16_t flags = transmission_flags(a.facts, structured_);
+  append_export_name_reply(out, a.facts.size, flags, no_zeroes());
+  transmission_ = {std::move(a.facts), flags, structured_};
+  return Next::kTransmission;
+}
+
+}  // namespace ibdisk::nbd

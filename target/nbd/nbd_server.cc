@@ -1,0 +1,606 @@
+#include "target/nbd/nbd_server.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/error.h"
+#include "common/log.h"
+#include "target/nbd/handshake.h"
+#include "target/nbd/protocol.h"
+
+namespace ibdisk::nbd {
+namespace {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+using boost::system::error_code;
+
+constexpr std::size_t kBufferAlign = 4096;            // O_DIRECT-capable when the I/O is aligned
+constexpr std::size_t kKeepBuffer = 1u << 20;         // a slot keeps a buffer up to this between requests
+constexpr std::size_t kDiscardChunk = 256u << 10;     // payload of a refused WRITE is read in these
+constexpr std::size_t kMaxRepliesPerWrite = 32;       // replies gathered into one socket write
+
+// The handshake's view of the registry; holds the connection's lease on its export.
+class RegistryCatalog final : public ExportCatalog {
+ public:
+  explicit RegistryCatalog(target::ExportRegistry& r) : registry_(r) {}
+
+  std::vector<std::string> names() const override {
+    std::vector<std::string> out;
+    for (const auto& e : registry_.list()) out.push_back(e.name);
+    return out;
+  }
+
+  CatalogAnswer probe(std::string_view name) override {
+    CatalogAnswer a;
+    target::ExportInfo info;
+    if (!lookup(name, &info, &a)) return a;
+    if (!info.read_only && !info.shared && info.writers > 0) {
+      a.refusal = Refusal::kPolicy;
+      a.message = busy_message(info.name);
+    }
+    return a;
+  }
+
+  CatalogAnswer open(std::string_view name) override {
+    CatalogAnswer a;
+    target::ExportInfo info;
+    if (!lookup(name, &info, &a)) return a;
+    // NBD cannot say whether a client means to write: every client of a writable export is
+    // its writer, so an exclusive export has one NBD client at a time.
+    auto r = registry_.open(info.name, !info.read_only);
+    if (!r.lease) {
+      a.refusal = r.error == target::OpenError::kUnknownExport ? Refusal::kUnknown : Refusal::kPolicy;
+      a.message = r.error == target::OpenError::kBusy ? busy_message(info.name) : r.message;
+      return a;
+    }
+    lease_ = std::move(r.lease);
+    return a;
+  }
+
+  target::ExportLease* lease() const { return lease_.get(); }
+
+ private:
+  bool lookup(std::string_view name, target::ExportInfo* info, CatalogAnswer* a) const {
+    if (!registry_.find(std::string(name), info)) {
+      std::string names;
+      for (const auto& n : this->names()) names += (names.empty() ? "" : ", ") + n;
+      a->refusal = Refusal::kUnknown;
+      a->message = "no export named '" + std::string(name) + "' (this target exports: " +
+                   (names.empty() ? "nothing" : names) + ")";
+      return false;
+    }
+    a->facts = {info->name, info->size, info->block_size, info->read_only, info->shared, info->trim};
+    return true;
+  }
+  static std::string busy_message(const std::string& name) {
+    return "export '" + name + "' already has a writer and is exclusive (one NBD client at a time); "
+           "disconnect the other client, or serve the export with ,shared or ,ro";
+  }
+
+  target::ExportRegistry& registry_;
+  std::unique_ptr<target::ExportLease> lease_;
+};
+
+class Connection;
+
+struct FreeDeleter {
+  void operator()(std::byte* p) const { std::free(p); }
+};
+
+// One request from header to reply. Slots are made once per connection (max_in_flight of them).
+struct Slot {
+  Request req;
+  target::IoRequest io;
+  std::unique_ptr<std::byte[], FreeDeleter> buf;
+  std::size_t capacity = 0;
+  std::size_t accounted = 0;  // bytes counted in the connection's buffered total
+  std::uint32_t error = 0;
+  const char* message = nullptr;
+  // The reply: a header kept here, then an optional tail (read data or error message).
+  std::array<std::byte, 32> head{};
+  std::size_t head_len = 0;
+  const void* tail = nullptr;
+  std::size_t tail_len = 0;
+  std::shared_ptr<Connection> keepalive;  // set while the storage engine holds `io`
+
+  bool ensure(std::size_t n) {
+    if (capacity >= n) return true;
+    buf.reset();
+    capacity = 0;
+    const std::size_t want = (n + kBufferAlign - 1) / kBufferAlign * kBufferAlign;
+    auto* p = static_cast<std::byte*>(std::aligned_alloc(kBufferAlign, want));
+    if (!p) return false;
+    buf.reset(p);
+    capacity = want;
+    return true;
+  }
+  template <typename Wire>
+  void set_head(const Wire& w) {
+    static_assert(sizeof(Wire) <= sizeof(head));
+    std::memcpy(head.data(), &w, sizeof(Wire));
+    head_len = sizeof(Wire);
+  }
+};
+
+}  // namespace
+
+struct detail::NbdServerState : std::enable_shared_from_this<detail::NbdServerState> {
+  NbdServerState(asio::io_context& io_, target::ExportRegistry& reg, target::StorageEngine& eng,
+        target::NetworkAllowList a, NbdServerOptions o)
+      : io(io_), registry(reg), engine(eng), allow(std::move(a)), opts(o), acceptor(io_), log(logger("nbd")) {}
+
+  void accept();
+  void shutdown();
+
+  asio::io_context& io;
+  target::ExportRegistry& registry;
+  target::StorageEngine& engine;
+  target::NetworkAllowList allow;
+  NbdServerOptions opts;
+  tcp::acceptor acceptor;
+  std::shared_ptr<spdlog::logger> log;
+  std::set<Connection*> connections;
+  std::uint16_t port = 0;
+  bool stopped = false;
+};
+
+namespace {
+
+class Connection : public std::enable_shared_from_this<Connection> {
+ public:
+  Connection(std::shared_ptr<detail::NbdServerState> server, tcp::socket socket, std::string peer)
+      : server_(std::move(server)),
+        log_(server_->log),
+        socket_(std::move(socket)),
+        timer_(server_->io),
+        peer_(std::move(peer)),
+        catalog_(server_->registry),
+        handshake_(catalog_) {
+    server_->connections.insert(this);
+  }
+  ~Connection() {
+    server_->connections.erase(this);
+    log_->debug("{}: connection released", peer_);
+  }
+
+  void start() {
+    timer_.expires_after(std::chrono::seconds(server_->opts.handshake_timeout_s));
+    timer_.async_wait([self = shared_from_this()](const error_code& ec) {
+      if (!ec && !self->transmitting_) {
+        self->close(spdlog::level::warn, "handshake not finished within " +
+                                             std::to_string(self->server_->opts.handshake_timeout_s) + " s");
+      }
+    });
+    const GreetingWire g = make_greeting();
+    const auto bytes = bytes_of(g);
+    out_.assign(bytes.begin(), bytes.end());
+    asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this()](const error_code& ec, std::size_t) {
+      if (self->failed(ec, "sending the greeting")) return;
+      self->read_client_flags();
+    });
+  }
+
+  // Ends the connection now (requests at the storage engine still complete, unanswered).
+  void close(spdlog::level::level_enum level, const std::string& why) {
+    if (closed_) return;
+    closed_ = true;
+    log_->log(level, "{}: {}; closing the connection", peer_, why);
+    error_code ec;
+    timer_.cancel();
+    socket_.shutdown(tcp::socket::shutdown_both, ec);
+    socket_.close(ec);
+  }
+
+ private:
+  // --- handshake ---------------------------------------------------------------------------
+  // true (and the connection closed) when a socket operation failed.
+  bool failed(const error_code& ec, const char* what) {
+    if (!ec) return false;
+    if (closed_) return true;
+    if (ec == asio::error::eof) {
+      close(spdlog::level::info, std::string("client closed the connection while ") + what);
+    } else {
+      close(spdlog::level::warn, std::string(what) + " failed: " + ec.message());
+    }
+    return true;
+  }
+
+  void read_client_flags() {
+    asio::async_read(socket_, asio::buffer(in_.data(), 4), [self = shared_from_this()](const error_code& ec, std::size_t) {
+      if (self->failed(ec, "reading the client flags")) return;
+      if (self->handshake_.on_client_flags({self->in_.data(), 4}) != Handshake::Next::kOption) {
+        self->close(spdlog::level::warn, self->handshake_.reason());
+        return;
+      }
+      self->read_option_header();
+    });
+  }
+
+  void read_option_header() {
+    asio::async_read(socket_, asio::buffer(in_.data(), sizeof(OptionHeaderWire)),
+                     [self = shared_from_this()](const error_code& ec, std::size_t) {
+                       if (self->failed(ec, "reading an option")) return;
+                       self->on_option_header();
+                     });
+  }
+
+  void on_option_header() {
+    OptionHeader h;
+    const Parse p = parse_option_header({in_.data(), sizeof(OptionHeaderWire)}, &h);
+    if (p == Parse::kTooLarge) {
+      close(spdlog::level::warn, "option " + std::to_string(h.option) + " has " + std::to_string(h.length) +
+                                     " bytes of data, more than the " + std::to_string(kMaxOptionLength) +
+                                     " this server accepts");
+      return;
+    }
+    if (p != Parse::kOk) {
+      close(spdlog::level::warn, std::string("option header: ") + to_string(p) + " (not an NBD client, or out of step)");
+      return;
+    }
+    option_ = h.option;
+    option_data_.resize(h.length);
+    if (h.length == 0) return on_option();
+    asio::async_read(socket_, asio::buffer(option_data_), [self = shared_from_this()](const error_code& ec, std::size_t) {
+      if (self->failed(ec, "reading option data")) return;
+      self->on_option();
+    });
+  }
+
+  void on_option() {
+    out_.clear();
+    const Handshake::Next next = handshake_.on_option(option_, option_data_, out_);
+    if (const std::uint32_t err = handshake_.last_error()) {
+      const bool refusal = err == kRepErrPolicy || err == kRepErrUnknown;
+      log_->log(refusal ? spdlog::level::warn : spdlog::level::debug, "{}: option {} refused: {}", peer_, option_,
+                handshake_.reason());
+    }
+    if (next == Handshake::Next::kClose && out_.empty()) {
+      close(spdlog::level::warn, handshake_.reason());
+      return;
+    }
+    asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this(), next](const error_code& ec, std::size_t) {
+      if (self->failed(ec, "sending an option reply")) return;
+      switch (next) {
+        case Handshake::Next::kOption: return self->read_option_header();
+        case Handshake::Next::kTransmission: return self->begin_transmission();
+        case Handshake::Next::kClose: return self->close(spdlog::level::info, self->handshake_.reason());
+      }
+    });
+  }
+
+  // --- transmission ------------------------------------------------------------------------
+  void begin_transmission() {
+    transmitting_ = true;
+    timer_.cancel();
+    const Transmission& t = handshake_.transmission();
+    file_ = &catalog_.lease()->file();
+    limits_.size = t.facts.size;
+    limits_.transmission_flags = t.flags;
+    limits_.max_payload = kMaxPayload;
+    structured_ = t.structured;
+    slots_ = std::vector<Slot>(std::max(1u, server_->opts.max_in_flight));
+    free_.reserve(slots_.size());
+    for (auto& s : slots_) free_.push_back(&s);
+    gather_.reserve(2 * kMaxRepliesPerWrite);
+    batch_.reserve(kMaxRepliesPerWrite);
+    log_->info("{}: export '{}' opened ({}, {} bytes, {} replies)", peer_, t.facts.name,
+               catalog_.lease()->writable() ? "writer" : "reader", t.facts.size,
+               structured_ ? "structured" : "simple");
+    read_request();
+  }
+
+  void read_request() {
+    if (closed_ || disconnecting_) return;
+    if (free_.empty() || buffered_ >= server_->opts.max_buffered) {
+      paused_ = true;  // resumed when replies have gone out
+      return;
+    }
+    asio::async_read(socket_, asio::buffer(in_.data(), sizeof(RequestWire)),
+                     [self = shared_from_this()](const error_code& ec, std::size_t n) { self->on_request(ec, n); });
+  }
+
+  void on_request(const error_code& ec, std::size_t n) {
+    if (ec) {
+      if (closed_) return;
+      if (ec == asio::error::eof && n == 0) {
+        close(spdlog::level::info, "client closed the connection without NBD_CMD_DISC");
+      } else {
+        close(spdlog::level::warn, "reading a request failed (truncated or lost): " + ec.message());
+      }
+      return;
+    }
+    Request r;
+    if (parse_request({in_.data(), sizeof(RequestWire)}, &r) != Parse::kOk) {
+      close(spdlog::level::warn, "request with a wrong magic number (not NBD, or the stream is out of step)");
+      return;
+    }
+    Slot* s = free_.back();
+    free_.pop_back();
+    s->req = r;
+    s->error = 0;
+    s->message = nullptr;
+    const Verdict v = check_request(r, limits_);
+    const std::uint32_t payload = request_payload(r);
+    if (v.error == 0 && r.type == kCmdDisc) {
+      release(s);
+      disconnecting_ = true;
+      end_if_disconnected();
+      return;
+    }
+    if (v.error != 0) {
+      s->error = v.error;
+      s->message = v.message;
+      log_->debug("{}: request type {} offset {} length {} refused: {}", peer_, r.type, r.offset, r.length, v.message);
+      if (payload > 0) return discard_payload(s, payload);
+      finish(s);
+      return read_request();
+    }
+    if (r.type == kCmdRead || r.type == kCmdWrite) {
+      if (!s->ensure(r.length)) {
+        s->error = kEnomem;
+        s->message = "the server could not allocate the request's buffer";
+        if (payload > 0) return discard_payload(s, payload);
+        finish(s);
+        return read_request();
+      }
+      s->accounted = r.length;
+      buffered_ += r.length;
+    }
+    if (payload == 0) {
+      submit(s);
+      return read_request();
+    }
+    asio::async_read(socket_, asio::buffer(s->buf.get(), payload),
+                     [self = shared_from_this(), s](const error_code& ec2, std::size_t) {
+                       if (self->failed(ec2, "reading a write payload")) return self->release(s);
+                       self->submit(s);
+                       self->read_request();
+                     });
+  }
+
+  // A refused WRITE's payload still follows on the wire: read it past, then answer.
+  void discard_payload(Slot* s, std::uint32_t remaining) {
+    const std::size_t chunk = std::min<std::size_t>(remaining, kDiscardChunk);
+    if (!s->ensure(chunk)) {
+      release(s);
+      close(spdlog::level::err, "out of memory while skipping a refused write's payload");
+      return;
+    }
+    asio::async_read(socket_, asio::buffer(s->buf.get(), chunk),
+                     [self = shared_from_this(), s, remaining, chunk](const error_code& ec, std::size_t) {
+                       if (self->failed(ec, "reading a refused write's payload")) return self->release(s);
+                       const auto left = static_cast<std::uint32_t>(remaining - chunk);
+                       if (left > 0) return self->discard_payload(s, left);
+                       self->finish(s);
+                       self->read_request();
+                     });
+  }
+
+  static target::IoOp io_op(std::uint16_t type) {
+    switch (type) {
+      case kCmdRead: return target::IoOp::kRead;
+      case kCmdWrite: return target::IoOp::kWrite;
+      case kCmdFlush: return target::IoOp::kFlush;
+      case kCmdTrim: return target::IoOp::kTrim;
+      default: return target::IoOp::kWriteZeroes;
+    }
+  }
+
+  void submit(Slot* s) {
+    const Request& r = s->req;
+    s->io = target::IoRequest{};
+    s->io.op = io_op(r.type);
+    s->io.flags = (r.flags & kCmdFlagFua) ? target::kIoFua : 0;
+    s->io.offset = r.offset;
+    s->io.length = r.length;
+    s->io.data = (r.type == kCmdRead || r.type == kCmdWrite) ? s->buf.get() : nullptr;
+    s->io.done = &Connection::on_io_done;
+    s->io.context = s;
+    s->keepalive = shared_from_this();
+    ++in_engine_;
+    server_->engine.submit(*file_, &s->io);
+  }
+
+  // Runs on the io thread when the engine completes a request (possibly inside submit()).
+  static void on_io_done(target::IoRequest* io, int result) {
+    auto* s = static_cast<Slot*>(io->context);
+    const std::shared_ptr<Connection> self = std::move(s->keepalive);
+    --self->in_engine_;
+    if (result < 0) {
+      s->error = wire_error_from_errno(result);
+      s->message = strerrordesc_np(-result);
+      self->log_->warn("{}: storage {} at offset {} length {} on '{}' failed: {}", self->peer_,
+                       static_cast<int>(io->op), io->offset, io->length, self->file_->path, s->message);
+    } else if (s->req.type == kCmdRead && static_cast<std::uint32_t>(result) != s->req.length) {
+      s->error = kEio;
+      s->message = "the storage returned fewer bytes than requested";
+    }
+    self->finish(s);
+    self->end_if_disconnected();
+  }
+
+  // Queues the slot's reply.
+  void finish(Slot* s) {
+    if (closed_) return release(s);
+    const Request& r = s->req;
+    s->tail = nullptr;
+    s->tail_len = 0;
+    if (structured_) {
+      if (s->error != 0) {
+        const std::size_t len = s->message ? std::min(std::strlen(s->message), kMaxStringLength) : 0;
+        s->set_head(make_error_chunk(r.cookie, s->error, static_cast<std::uint16_t>(len)));
+        s->tail = s->message;
+        s->tail_len = len;
+      } else if (r.type == kCmdRead) {
+        s->set_head(make_read_chunk(r.cookie, r.offset, r.length));
+        s->tail = s->buf.get();
+        s->tail_len = r.length;
+      } else {
+        s->set_head(make_chunk(kReplyFlagDone, kReplyNone, r.cookie, 0));
+      }
+    } else {
+      s->set_head(make_simple_reply(r.cookie, s->error));
+      if (s->error == 0 && r.type == kCmdRead) {
+        s->tail = s->buf.get();
+        s->tail_len = r.length;
+      }
+    }
+    replies_.push_back(s);
+    send_replies();
+  }
+
+  void send_replies() {
+    if (writing_ || closed_ || replies_.empty()) return;
+    writing_ = true;
+    gather_.clear();
+    batch_.clear();
+    while (!replies_.empty() && batch_.size() < kMaxRepliesPerWrite) {
+      Slot* s = replies_.front();
+      replies_.pop_front();
+      batch_.push_back(s);
+      gather_.emplace_back(s->head.data(), s->head_len);
+      if (s->tail_len > 0) gather_.emplace_back(s->tail, s->tail_len);
+    }
+    asio::async_write(socket_, gather_, [self = shared_from_this()](const error_code& ec, std::size_t) {
+      self->writing_ = false;
+      for (Slot* s : self->batch_) self->release(s);
+      self->batch_.clear();
+      if (self->failed(ec, "sending replies")) return;
+      self->send_replies();
+      self->end_if_disconnected();
+      if (self->paused_) {
+        self->paused_ = false;
+        self->read_request();
+      }
+    });
+  }
+
+  void release(Slot* s) {
+    buffered_ -= s->accounted;
+    s->accounted = 0;
+    if (s->capacity > kKeepBuffer) {
+      s->buf.reset();
+      s->capacity = 0;
+    }
+    free_.push_back(s);
+  }
+
+  // After NBD_CMD_DISC: close once every earlier request is answered.
+  void end_if_disconnected() {
+    if (!disconnecting_ || closed_ || in_engine_ > 0 || writing_ || !replies_.empty()) return;
+    close(spdlog::level::info, "client disconnected (NBD_CMD_DISC)");
+  }
+
+  std::shared_ptr<detail::NbdServerState> server_;
+  std::shared_ptr<spdlog::logger> log_;
+  tcp::socket socket_;
+  asio::steady_timer timer_;
+  std::string peer_;
+  RegistryCatalog catalog_;  // before handshake_, which refers to it
+  Handshake handshake_;
+  bool closed_ = false;
+  bool transmitting_ = false;
+
+  // Handshake.
+  std::array<std::byte, 32> in_{};  // client flags, option headers, request headers
+  std::uint32_t option_ = 0;
+  std::vector<std::byte> option_data_;
+  std::vector<std::byte> out_;
+
+  // Transmission: all owned by the io thread.
+  target::BackingFile* file_ = nullptr;
+  ExportLimits limits_;
+  bool structured_ = false;
+  std::vector<Slot> slots_;  // sized once; Slot* stay valid
+  std::vector<Slot*> free_;
+  std::deque<Slot*> replies_;  // answered, waiting for the socket
+  std::vector<Slot*> batch_;   // being written
+  std::vector<asio::const_buffer> gather_;
+  std::size_t buffered_ = 0;
+  unsigned in_engine_ = 0;
+  bool writing_ = false;
+  bool paused_ = false;
+  bool disconnecting_ = false;
+};
+
+std::string endpoint_text(const tcp::endpoint& ep) {
+  const auto a = ep.address();
+  return (a.is_v6() ? "[" + a.to_string() + "]" : a.to_string()) + ":" + std::to_string(ep.port());
+}
+
+}  // namespace
+
+void detail::NbdServerState::accept() {
+  acceptor.async_accept([self = shared_from_this()](const error_code& ec, tcp::socket socket) {
+    if (self->stopped || ec == asio::error::operation_aborted) return;
+    if (ec) {
+      self->log->warn("accepting an NBD connection failed: {}", ec.message());
+      return self->accept();
+    }
+    error_code ep_ec;
+    const tcp::endpoint peer = socket.remote_endpoint(ep_ec);
+    if (ep_ec) return self->accept();  // already gone
+    if (!self->allow.allows(peer.address())) {
+      self->log->warn("refused NBD connection from {}: not in the allowed networks ({}); add its network with --allow",
+                      endpoint_text(peer), self->allow.describe());
+      socket.close(ep_ec);
+      return self->accept();
+    }
+    socket.set_option(tcp::no_delay(true), ep_ec);
+    self->log->debug("{}: connected", endpoint_text(peer));
+    std::make_shared<Connection>(self, std::move(socket), endpoint_text(peer))->start();
+    self->accept();
+  });
+}
+
+void detail::NbdServerState::shutdown() {
+  if (stopped) return;
+  stopped = true;
+  error_code ec;
+  acceptor.close(ec);
+  std::vector<std::shared_ptr<Connection>> live;
+  for (Connection* c : connections) {
+    if (auto sp = c->weak_from_this().lock()) live.push_back(std::move(sp));
+  }
+  for (auto& c : live) c->close(spdlog::level::info, "the server is stopping");
+}
+
+NbdServer::NbdServer(asio::io_context& io, target::ExportRegistry& exports, target::StorageEngine& engine,
+                     target::NetworkAllowList allow, tcp::endpoint listen, NbdServerOptions opts)
+    : state_(std::make_shared<detail::NbdServerState>(io, exports, engine, std::move(allow), opts)) {
+  auto& a = state_->acceptor;
+  error_code ec;
+  const std::string where = "NBD listener on " + endpoint_text(listen);
+  if (a.open(listen.protocol(), ec)) throw SystemError(where, ec.value(), "");
+  a.set_option(tcp::acceptor::reuse_address(true), ec);
+  if (a.bind(listen, ec)) {
+    throw SystemError("bind(" + where + ")", ec.value(),
+                      ec == asio::error::address_in_use
+                          ? "another process listens on that port (see `ss -ltnp`): stop it or choose another NBD port"
+                          : "is the address configured on this host? (`ip -br addr`)");
+  }
+  if (a.listen(asio::socket_base::max_listen_connections, ec)) throw SystemError("listen(" + where + ")", ec.value(), "");
+  state_->port = a.local_endpoint().port();
+  state_->log->info("NBD front end listening on {} (allowed networks: {})", endpoint_text(a.local_endpoint()),
+                    state_->allow.describe());
+  state_->accept();
+}
+
+NbdServer::~NbdServer() { state_->shutdown(); }
+
+std::uint16_t NbdServer::port() const { return state_->port; }
+
+void NbdServer::stop() {
+  asio::post(state_->io, [s = state_] { s->shutdown(); });
+}
+
+std::size_t NbdServer::connections() const { return state_->connections.size(); }
+
+}  // namespace ibdisk::nbd

@@ -30,6 +30,7 @@
 namespace ibdisk::target {
 
 enum class IoOp : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4 };
+struct BackingFile;
 inline constexpr std::uint32_t kIoFua = 1u << 0;
 
 struct IoRequest {
@@ -43,6 +44,11 @@ struct IoRequest {
   void* context = nullptr;    // the caller's; the engine does not touch it
   // Engine-private progress for requeued short transfers.
   std::uint32_t done_bytes = 0;
+  // Engine-private bookkeeping, valid from submit() until `done` runs.
+  BackingFile* file_ = nullptr;
+  IoRequest* next_ = nullptr;  // the engine's pending / ready lists
+  int result_ = 0;             // for requests completed without I/O
+  std::uint8_t stage_ = 0;     // which step of a multi-step request is running
 };
 
 // An open export's storage: a regular file or a block device.
@@ -68,7 +74,9 @@ class StorageEngine {
     unsigned queue_depth = 256;  // SQ entries
   };
   StorageEngine(boost::asio::io_context& io, Options opts);
-  ~StorageEngine();  // waits for in-flight requests to complete (their callbacks run)
+  // Waits for in-flight requests to complete (their callbacks run; a submit() from one of them
+  // completes with -ECANCELED). Destroy the engine before its io_context.
+  ~StorageEngine();
   StorageEngine(const StorageEngine&) = delete;
   StorageEngine& operator=(const StorageEngine&) = delete;
 
@@ -79,6 +87,21 @@ class StorageEngine {
   void submit(BackingFile& file, IoRequest* req);
   // Requests submitted and not yet completed.
   unsigned in_flight() const;
+
+  // Counters since construction, for tests and `ibdisk bench`.
+  struct Stats {
+    std::uint64_t submitted = 0;       // submit() calls
+    std::uint64_t completed = 0;       // `done` callbacks run
+    std::uint64_t sqes = 0;            // SQEs prepared, requeued remainders and extra steps included
+    std::uint64_t submit_calls = 0;    // io_uring_submit() calls, each one io_uring_enter
+    std::uint64_t direct = 0;          // reads/writes through the O_DIRECT fd
+    std::uint64_t buffered = 0;        // reads/writes through the page cache
+    std::uint64_t fixed = 0;           // READ_FIXED / WRITE_FIXED
+    std::uint64_t short_requeues = 0;  // short reads/writes resubmitted for the remainder
+    std::uint64_t zero_fills = 0;      // write-zeroes done by writing zeroes (no fallocate)
+    std::uint64_t pending_peak = 0;    // most requests waiting for ring space at once
+  };
+  const Stats& stats() const;
 
  private:
   struct Impl;

@@ -1,0 +1,604 @@
+// The io_uring storage engine (see storage.h for the contract).
+//
+// A request moves through at most three steps (IoRequest::stage_): the main operation, a
+// zero-filling write loop when the file system cannot zero a range itself, and a datasync
+// for FUA on trim / write-zeroes. on_result() advances it; a short read or write stays in
+// its step and is requeued for the remainder. Nothing on this path allocates or throws.
+#include "target/storage.h"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <linux/fs.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <fstream>
+#include <optional>
+
+#include "common/error.h"
+#include "common/log.h"
+
+namespace ibdisk::target {
+namespace {
+
+enum Stage : std::uint8_t {
+  kStageMain = 0,      // the request's own operation
+  kStageZeroFill = 1,  // write-zeroes by writing from the zero page, done_bytes so far
+  kStageFuaSync = 2,   // datasync after a trim / write-zeroes that asked for FUA
+};
+
+// Largest write of the zero-fill fallback; the source is a read-only mapping of the zero page.
+constexpr std::size_t kZeroChunk = std::size_t{1} << 20;
+// Completions taken from the CQ per peek.
+constexpr unsigned kReapBatch = 64;
+static_assert(kZeroChunk % 4096 == 0, "the zero buffer must satisfy any O_DIRECT alignment");
+
+std::shared_ptr<spdlog::logger> storage_log() {
+  static const auto l = logger("storage");
+  return l;
+}
+
+bool aligned(std::uint64_t v, std::uint32_t a) { return (v & (a - 1)) == 0; }
+
+std::string open_hint(int err, bool read_only, const std::string& path) {
+  switch (err) {
+    case ENOENT:
+      return "check the path, or create a backing file first, e.g. `truncate -s 10G " + path + "`";
+    case EACCES:
+    case EPERM:
+      return read_only ? "run as root or give this user read permission"
+                       : "run as root, give this user read-write permission, or export it read-only (NAME=PATH,ro)";
+    case EROFS:
+      return "the file system is mounted read-only: export it read-only (NAME=PATH,ro)";
+    case EISDIR:
+      return "give a regular file or a block device, not a directory";
+    case EBUSY:
+      return "the device is held exclusively by something else (mounted, in a RAID or LVM): free it first";
+    default:
+      return "check that the path names a regular file or a block device this user can open";
+  }
+}
+
+// Which O_DIRECT alignment a regular file's file system wants: 512, 4096, or 0 if O_DIRECT
+// reads fail either way. A buffer aligned to the size tested but not to twice it.
+std::uint32_t probe_direct_alignment(int direct_fd) {
+  void* mem = std::aligned_alloc(8192, 16384);
+  if (!mem) return 0;
+  std::uint32_t found = 0;
+  for (const std::uint32_t a : {512u, 4096u}) {
+    if (::pread(direct_fd, static_cast<char*>(mem) + a, a, 0) >= 0) {
+      found = a;
+      break;
+    }
+    if (errno != EINVAL) break;
+  }
+  std::free(mem);
+  return found;
+}
+
+bool block_device_discards(dev_t rdev) {
+  const std::string base = "/sys/dev/block/" + std::to_string(major(rdev)) + ":" + std::to_string(minor(rdev));
+  // A partition has no queue/ of its own; its disk's is one level up.
+  for (const char* rel : {"/queue/discard_max_bytes", "/../queue/discard_max_bytes"}) {
+    std::ifstream in(base + rel);
+    std::uint64_t max_bytes = 0;
+    if (in >> max_bytes) return max_bytes > 0;
+  }
+  return false;
+}
+
+}  // namespace
+
+BackingFile::~BackingFile() {
+  if (direct_fd >= 0 && ::close(direct_fd) != 0) storage_log()->warn("close({}, O_DIRECT): {}", path, errno_text(errno));
+  if (fd >= 0 && ::close(fd) != 0) storage_log()->warn("close({}): {}", path, errno_text(errno));
+}
+
+std::shared_ptr<BackingFile> open_backing(const std::string& path, bool read_only) {
+  auto f = std::make_shared<BackingFile>();
+  f->path = path;
+  f->read_only = read_only;
+  const int flags = (read_only ? O_RDONLY : O_RDWR) | O_CLOEXEC;
+  const std::string mode = read_only ? "read-only" : "read-write";
+  f->fd = ::open(path.c_str(), flags);
+  if (f->fd < 0) {
+    const int err = errno;
+    throw SystemError("open(" + path + ", " + mode + ")", err, open_hint(err, read_only, path));
+  }
+  struct stat st {};
+  if (::fstat(f->fd, &st) != 0) throw SystemError("fstat(" + path + ")", errno, "check the file system");
+  if (S_ISDIR(st.st_mode)) {
+    throw SystemError("export " + path, std::string("it is a directory"),
+                      "give a regular file or a block device, e.g. `truncate -s 10G " + path + "/disk.img`");
+  }
+  if (S_ISBLK(st.st_mode)) {
+    f->block_device = true;
+    if (::ioctl(f->fd, BLKGETSIZE64, &f->size) != 0) {
+      throw SystemError("ioctl(" + path + ", BLKGETSIZE64)", errno, "check that the device is present");
+    }
+    int lbs = 512;
+    if (::ioctl(f->fd, BLKSSZGET, &lbs) != 0) {
+      throw SystemError("ioctl(" + path + ", BLKSSZGET)", errno, "check that the device is present");
+    }
+    f->logical_block_size = static_cast<std::uint32_t>(lbs);
+    f->trim_supported = block_device_discards(st.st_rdev);
+  } else if (S_ISREG(st.st_mode)) {
+    f->size = static_cast<std::uint64_t>(st.st_size);
+    f->trim_supported = true;  // fallocate(PUNCH_HOLE); a file system without it answers -EOPNOTSUPP
+  } else {
+    throw SystemError("export " + path, std::string("it is neither a regular file nor a block device"),
+                      "give a regular file (e.g. made with `truncate -s 10G FILE`) or a block device");
+  }
+  if (f->size == 0) {
+    throw SystemError("export " + path, std::string("its size is 0"),
+                      f->block_device ? "check that the device has a medium and is not a zero-sized partition"
+                                      : "give it a size first, e.g. `truncate -s 10G " + path + "`");
+  }
+
+  f->direct_fd = ::open(path.c_str(), flags | O_DIRECT);
+  if (f->direct_fd < 0) {
+    storage_log()->info("{}: no O_DIRECT ({}); all I/O goes through the page cache", path, errno_text(errno));
+  } else if (!f->block_device) {
+    const std::uint32_t a = probe_direct_alignment(f->direct_fd);
+    if (a == 0) {
+      storage_log()->info("{}: O_DIRECT reads fail at 512 and 4096 alignment; all I/O goes through the page cache", path);
+      ::close(f->direct_fd);
+      f->direct_fd = -1;
+    } else {
+      f->logical_block_size = a;
+    }
+  }
+  storage_log()->debug("{}: {} bytes, block {}, {}{}{}", path, f->size, f->logical_block_size,
+               f->block_device ? "block device" : "file", f->direct_fd >= 0 ? ", O_DIRECT" : "",
+               f->trim_supported ? ", trim" : "");
+  return f;
+}
+
+struct StorageEngine::Impl {
+  Impl(boost::asio::io_context& io, Options opts);
+  ~Impl();
+
+  void submit(BackingFile& f, IoRequest* r);
+  void register_buffers(std::span<const iovec> buffers);
+
+  static int check(const BackingFile& f, const IoRequest& r, unsigned fixed_count);
+  void start(IoRequest* r);
+  void enqueue(IoRequest* r);
+  bool prep(IoRequest* r);
+  void prep_rw(io_uring_sqe* sqe, IoRequest* r, bool write, std::byte* buf, std::uint32_t len, bool fixed);
+  void close();
+  void on_result(IoRequest* r, int res);
+  void finish(IoRequest* r, int res);
+  void finish_later(IoRequest* r, int res);
+  void fill_from_pending();
+  void schedule_flush();
+  void submit_now();
+  void reap();
+  void drain_ready();
+  void arm_eventfd();
+  void drain_for_shutdown();
+
+  boost::asio::io_context& io_;
+  io_uring ring_{};
+  bool ring_ready_ = false;
+  unsigned capacity_ = 0;  // requests in the ring at most: the SQ size, so the CQ never overflows
+  unsigned in_ring_ = 0;   // SQEs prepared or submitted whose CQE has not been reaped
+  unsigned in_flight_ = 0;
+  unsigned fixed_count_ = 0;
+  bool flush_scheduled_ = false;
+  bool closing_ = false;
+  IoRequest* pending_head_ = nullptr;  // waiting for ring space, in order
+  IoRequest* pending_tail_ = nullptr;
+  unsigned pending_count_ = 0;
+  IoRequest* ready_head_ = nullptr;  // finished without I/O; `done` runs on the next turn
+  IoRequest* ready_tail_ = nullptr;
+  std::optional<boost::asio::posix::stream_descriptor> eventfd_;
+  std::uint64_t eventfd_value_ = 0;
+  // Handlers still queued in the io_context when the engine is gone see false and return.
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+  std::byte* zeroes_ = nullptr;
+  Stats stats_;
+};
+
+StorageEngine::Impl::Impl(boost::asio::io_context& io, Options opts) : io_(io) {
+  if (opts.queue_depth == 0 || opts.queue_depth > 32768) {
+    throw SystemError("storage engine", "queue depth " + std::to_string(opts.queue_depth) + " is out of range",
+                      "use 1 to 32768 (the default is 256)");
+  }
+  io_uring_params params{};
+  params.flags = IORING_SETUP_SUBMIT_ALL;  // one bad SQE must not hold back the rest of a batch
+  int ret = io_uring_queue_init_params(opts.queue_depth, &ring_, &params);
+  if (ret == -EINVAL) {  // kernels before 5.18 lack SUBMIT_ALL
+    params = io_uring_params{};
+    ret = io_uring_queue_init_params(opts.queue_depth, &ring_, &params);
+  }
+  if (ret < 0) {
+    const std::string call = "io_uring_queue_init(" + std::to_string(opts.queue_depth) + " entries)";
+    switch (-ret) {
+      case ENOSYS:
+        throw SystemError(call, -ret, "this kernel has no io_uring: use Linux 5.10 or newer built with CONFIG_IO_URING");
+      case EPERM:
+        throw SystemError(call, -ret,
+                          "io_uring is disabled: set sysctl kernel.io_uring_disabled=0, or allow io_uring_setup in "
+                          "the container's seccomp profile");
+      case ENOMEM:
+        throw SystemError(call, -ret, "raise the locked-memory limit (ulimit -l) or lower the queue depth");
+      default:
+        throw SystemError(call, -ret, "check the kernel log (dmesg)");
+    }
+  }
+  ring_ready_ = true;
+  capacity_ = params.sq_entries;
+
+  const int efd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (efd < 0) {
+    const int err = errno;
+    io_uring_queue_exit(&ring_);
+    throw SystemError("eventfd()", err, "raise the open-file limit (ulimit -n)");
+  }
+  ret = io_uring_register_eventfd(&ring_, efd);
+  if (ret < 0) {
+    ::close(efd);
+    io_uring_queue_exit(&ring_);
+    throw SystemError("io_uring_register_eventfd()", -ret, "check the kernel log (dmesg)");
+  }
+  eventfd_.emplace(io_, efd);
+
+  void* z = ::mmap(nullptr, kZeroChunk, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (z == MAP_FAILED) {
+    const int err = errno;
+    eventfd_.reset();
+    io_uring_queue_exit(&ring_);
+    throw SystemError("mmap(zero buffer)", err, "raise the address-space limit (ulimit -v)");
+  }
+  zeroes_ = static_cast<std::byte*>(z);
+  arm_eventfd();
+}
+
+// Runs before the Impl is freed, so callbacks that touch the engine still find it whole.
+void StorageEngine::Impl::close() {
+  closing_ = true;
+  drain_for_shutdown();
+}
+
+StorageEngine::Impl::~Impl() {
+  *alive_ = false;
+  boost::system::error_code ec;
+  if (eventfd_) eventfd_->close(ec);
+  eventfd_.reset();
+  if (ring_ready_) io_uring_queue_exit(&ring_);
+  if (zeroes_) ::munmap(zeroes_, kZeroChunk);
+}
+
+void StorageEngine::Impl::register_buffers(std::span<const iovec> buffers) {
+  if (buffers.empty()) return;
+  const int ret = io_uring_register_buffers(&ring_, buffers.data(), static_cast<unsigned>(buffers.size()));
+  if (ret < 0) {
+    std::size_t bytes = 0;
+    for (const auto& b : buffers) bytes += b.iov_len;
+    const std::string call =
+        "io_uring_register_buffers(" + std::to_string(buffers.size()) + " buffers, " + std::to_string(bytes) + " bytes)";
+    if (ret == -ENOMEM) throw SystemError(call, -ret, "raise the locked-memory limit (ulimit -l) or use fewer buffers");
+    if (ret == -EBUSY) throw SystemError(call, -ret, "register buffers once per engine, before any I/O");
+    throw SystemError(call, -ret, "each buffer must be non-empty, at most 1 GiB and anonymous memory");
+  }
+  fixed_count_ = static_cast<unsigned>(buffers.size());
+}
+
+int StorageEngine::Impl::check(const BackingFile& f, const IoRequest& r, unsigned fixed_count) {
+  if (f.fd < 0) return -EBADF;
+  switch (r.op) {
+    case IoOp::kRead:
+    case IoOp::kWrite:
+      if (r.length > 0 && r.data == nullptr) return -EINVAL;
+      if (r.fixed_index >= 0 && static_cast<unsigned>(r.fixed_index) >= fixed_count) return -EINVAL;
+      break;
+    case IoOp::kFlush:
+      return 0;
+    case IoOp::kTrim:
+    case IoOp::kWriteZeroes:
+      break;
+    default:
+      return -EINVAL;
+  }
+  if (r.op != IoOp::kRead && f.read_only) return -EROFS;
+  if (r.offset > f.size || r.length > f.size - r.offset) return -EINVAL;  // no overflow: offset <= size
+  if (r.op == IoOp::kTrim && !f.trim_supported) return -EOPNOTSUPP;
+  return 0;
+}
+
+void StorageEngine::Impl::submit(BackingFile& f, IoRequest* r) {
+  r->file_ = &f;
+  r->next_ = nullptr;
+  r->done_bytes = 0;
+  r->stage_ = kStageMain;
+  ++in_flight_;
+  ++stats_.submitted;
+  if (closing_) return finish_later(r, -ECANCELED);
+  if (const int err = check(f, *r, fixed_count_); err != 0) return finish_later(r, err);
+  if (r->length == 0 && r->op != IoOp::kFlush) return finish_later(r, 0);
+  start(r);
+}
+
+// Chooses the first step of a request; steps that need no ring entry finish here.
+void StorageEngine::Impl::start(IoRequest* r) {
+  BackingFile& f = *r->file_;
+  if (r->op == IoOp::kTrim && f.block_device) {
+    // BLKDISCARD has no io_uring opcode before Linux 6.12's uring_cmd; it is synchronous.
+    // Discard is advisory, so round inwards to whole logical blocks.
+    const std::uint64_t lbs = f.logical_block_size;
+    const std::uint64_t first = (r->offset + lbs - 1) / lbs * lbs;
+    const std::uint64_t end = (r->offset + r->length) / lbs * lbs;
+    if (end > first) {
+      std::uint64_t range[2] = {first, end - first};
+      if (::ioctl(f.fd, BLKDISCARD, range) != 0) return finish_later(r, -errno);
+    }
+    if (r->flags & kIoFua) {
+      r->stage_ = kStageFuaSync;
+      return enqueue(r);
+    }
+    return finish_later(r, 0);
+  }
+  if (r->op == IoOp::kWriteZeroes && f.block_device &&
+      !(aligned(r->offset, f.logical_block_size) && aligned(r->length, f.logical_block_size))) {
+    r->stage_ = kStageZeroFill;  // fallocate on a block device takes whole blocks only
+  }
+  enqueue(r);
+}
+
+void StorageEngine::Impl::enqueue(IoRequest* r) {
+  if (pending_head_ != nullptr || in_ring_ >= capacity_ || !prep(r)) {
+    r->next_ = nullptr;
+    if (pending_tail_) pending_tail_->next_ = r;
+    else pending_head_ = r;
+    pending_tail_ = r;
+    ++pending_count_;
+    stats_.pending_peak = std::max<std::uint64_t>(stats_.pending_peak, pending_count_);
+  }
+  schedule_flush();
+}
+
+void StorageEngine::Impl::fill_from_pending() {
+  while (pending_head_ != nullptr && in_ring_ < capacity_) {
+    IoRequest* r = pending_head_;
+    if (!prep(r)) break;
+    pending_head_ = r->next_;
+    if (pending_head_ == nullptr) pending_tail_ = nullptr;
+    --pending_count_;
+  }
+}
+
+// buf and len: what is left of the transfer (the request's, or a zero-fill chunk).
+void StorageEngine::Impl::prep_rw(io_uring_sqe* sqe, IoRequest* r, bool write, std::byte* buf,
+                                  std::uint32_t len, bool fixed) {
+  BackingFile& f = *r->file_;
+  const std::uint64_t off = r->offset + r->done_bytes;
+  const bool direct = f.direct_fd >= 0 && aligned(off, f.logical_block_size) &&
+                      aligned(len, f.logical_block_size) &&
+                      aligned(reinterpret_cast<std::uintptr_t>(buf), f.logical_block_size);
+  const int fd = direct ? f.direct_fd : f.fd;
+  ++(direct ? stats_.direct : stats_.buffered);
+  if (fixed) {
+    ++stats_.fixed;
+    if (write) io_uring_prep_write_fixed(sqe, fd, buf, len, off, r->fixed_index);
+    else io_uring_prep_read_fixed(sqe, fd, buf, len, off, r->fixed_index);
+  } else if (write) {
+    io_uring_prep_write(sqe, fd, buf, len, off);
+  } else {
+    io_uring_prep_read(sqe, fd, buf, len, off);
+  }
+  if (write && (r->flags & kIoFua)) sqe->rw_flags = RWF_DSYNC;
+}
+
+// Fills one SQE for the request's current step; false when the SQ has no room.
+bool StorageEngine::Impl::prep(IoRequest* r) {
+  io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
+  if (sqe == nullptr) {
+    submit_now();
+    sqe = io_uring_get_sqe(&ring_);
+    if (sqe == nullptr) return false;
+  }
+  BackingFile& f = *r->file_;
+  const auto off = static_cast<off_t>(r->offset);
+  const auto len = static_cast<off_t>(r->length);
+  switch (r->stage_) {
+    case kStageFuaSync:
+      io_uring_prep_fsync(sqe, f.fd, IORING_FSYNC_DATASYNC);
+      break;
+    case kStageZeroFill: {
+      const auto chunk = static_cast<std::uint32_t>(std::min<std::size_t>(r->length - r->done_bytes, kZeroChunk));
+      prep_rw(sqe, r, true, zeroes_, chunk, false);
+      break;
+    }
+    default:
+      switch (r->op) {
+        case IoOp::kRead:
+          prep_rw(sqe, r, false, r->data + r->done_bytes, r->length - r->done_bytes, r->fixed_index >= 0);
+          break;
+        case IoOp::kWrite:
+          prep_rw(sqe, r, true, r->data + r->done_bytes, r->length - r->done_bytes, r->fixed_index >= 0);
+          break;
+        case IoOp::kFlush:
+          io_uring_prep_fsync(sqe, f.fd, IORING_FSYNC_DATASYNC);
+          break;
+        case IoOp::kTrim:
+          io_uring_prep_fallocate(sqe, f.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len);
+          break;
+        case IoOp::kWriteZeroes:
+          // On a block device this is blkdev_issue_zeroout, as BLKZEROOUT, but off this thread.
+          io_uring_prep_fallocate(sqe, f.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len);
+          break;
+      }
+  }
+  io_uring_sqe_set_data(sqe, r);
+  ++in_ring_;
+  ++stats_.sqes;
+  if (io_uring_sq_space_left(&ring_) == 0) submit_now();
+  return true;
+}
+
+void StorageEngine::Impl::on_result(IoRequest* r, int res) {
+  if (res == -EINTR || res == -EAGAIN) return enqueue(r);  // transient: the same step again
+  switch (r->stage_) {
+    case kStageMain:
+      if (r->op == IoOp::kRead || r->op == IoOp::kWrite) {
+        if (res < 0) return finish(r, res);
+        if (res == 0) {
+          // Only a file truncated behind the export's back ends a range checked at submit.
+          storage_log()->warn("{}: {} at {} stopped at {} of {} bytes: the file is shorter than when it was opened",
+                      r->file_->path, r->op == IoOp::kRead ? "read" : "write", r->offset, r->done_bytes,
+                      r->length);
+          return finish(r, -EIO);
+        }
+        r->done_bytes += static_cast<std::uint32_t>(res);
+        if (r->done_bytes < r->length) {
+          ++stats_.short_requeues;
+          return enqueue(r);
+        }
+        return finish(r, static_cast<int>(r->length));
+      }
+      if (r->op == IoOp::kWriteZeroes && res == -EOPNOTSUPP) {
+        r->stage_ = kStageZeroFill;
+        r->done_bytes = 0;
+        return enqueue(r);
+      }
+      if (res < 0) return finish(r, res);
+      if ((r->flags & kIoFua) && r->op != IoOp::kFlush) {
+        r->stage_ = kStageFuaSync;
+        return enqueue(r);
+      }
+      return finish(r, 0);
+    case kStageZeroFill:
+      if (res < 0) return finish(r, res);
+      if (res == 0) return finish(r, -EIO);
+      r->done_bytes += static_cast<std::uint32_t>(res);
+      if (r->done_bytes < r->length) return enqueue(r);
+      ++stats_.zero_fills;
+      return finish(r, 0);  // FUA was honoured by RWF_DSYNC on every chunk
+    default:
+      return finish(r, res < 0 ? res : 0);
+  }
+}
+
+void StorageEngine::Impl::finish(IoRequest* r, int res) {
+  --in_flight_;
+  ++stats_.completed;
+  r->done(r, res);  // may submit more, or free r
+}
+
+void StorageEngine::Impl::finish_later(IoRequest* r, int res) {
+  r->result_ = res;
+  r->next_ = nullptr;
+  if (ready_tail_) ready_tail_->next_ = r;
+  else ready_head_ = r;
+  ready_tail_ = r;
+  schedule_flush();
+}
+
+void StorageEngine::Impl::drain_ready() {
+  // Detach the list first: callbacks may add to it.
+  IoRequest* r = ready_head_;
+  ready_head_ = ready_tail_ = nullptr;
+  while (r != nullptr) {
+    IoRequest* next = r->next_;
+    finish(r, r->result_);
+    r = next;
+  }
+}
+
+void StorageEngine::Impl::schedule_flush() {
+  if (flush_scheduled_ || closing_) return;
+  flush_scheduled_ = true;
+  boost::asio::post(io_, [this, alive = alive_] {
+    if (!*alive) return;
+    flush_scheduled_ = false;
+    submit_now();
+    reap();  // buffered reads served from the page cache complete inside io_uring_enter
+    drain_ready();
+  });
+}
+
+void StorageEngine::Impl::submit_now() {
+  while (io_uring_sq_ready(&ring_) > 0) {
+    const int ret = io_uring_submit(&ring_);
+    ++stats_.submit_calls;
+    if (ret > 0 || ret == -EINTR) continue;
+    if (ret == 0) return;
+    if (ret == -EAGAIN || ret == -EBUSY) {
+      // Kernel short of memory or CQ backlog: try again on the next turn.
+      if (!flush_scheduled_ && !closing_) schedule_flush();
+      return;
+    }
+    storage_log()->error("io_uring_submit: {}; {} requests wait in the ring", errno_text(-ret), io_uring_sq_ready(&ring_));
+    if (!closing_) schedule_flush();
+    return;
+  }
+}
+
+void StorageEngine::Impl::reap() {
+  io_uring_cqe* cqes[kReapBatch];
+  struct Completion {
+    IoRequest* req;
+    int res;
+  } batch[kReapBatch];
+  for (;;) {
+    const unsigned n = io_uring_peek_batch_cqe(&ring_, cqes, kReapBatch);
+    if (n == 0) break;
+    for (unsigned i = 0; i < n; ++i) {
+      batch[i] = {static_cast<IoRequest*>(io_uring_cqe_get_data(cqes[i])), cqes[i]->res};
+    }
+    io_uring_cq_advance(&ring_, n);
+    in_ring_ -= n;
+    for (unsigned i = 0; i < n; ++i) on_result(batch[i].req, batch[i].res);
+    fill_from_pending();
+  }
+}
+
+void StorageEngine::Impl::arm_eventfd() {
+  eventfd_->async_read_some(boost::asio::buffer(&eventfd_value_, sizeof eventfd_value_),
+                            [this, alive = alive_](const boost::system::error_code& ec, std::size_t) {
+                              if (!*alive || ec == boost::asio::error::operation_aborted) return;
+                              if (ec) storage_log()->error("reading the io_uring eventfd: {}", ec.message());
+                              reap();
+                              submit_now();  // what the callbacks queued, without waiting a turn
+                              arm_eventfd();
+                            });
+}
+
+void StorageEngine::Impl::drain_for_shutdown() {
+  while (in_flight_ > 0) {
+    drain_ready();
+    fill_from_pending();
+    submit_now();
+    if (in_ring_ == 0) {
+      if (ready_head_ == nullptr && pending_head_ == nullptr && in_flight_ > 0) {
+        storage_log()->error("storage engine closing with {} requests unaccounted for", in_flight_);
+        return;
+      }
+      continue;
+    }
+    io_uring_cqe* cqe = nullptr;
+    const int ret = io_uring_wait_cqe(&ring_, &cqe);
+    if (ret < 0 && ret != -EINTR) {
+      storage_log()->error("io_uring_wait_cqe while closing: {}; {} requests abandoned", errno_text(-ret), in_flight_);
+      return;
+    }
+    reap();
+  }
+}
+
+StorageEngine::StorageEngine(boost::asio::io_context& io, Options opts) : impl_(std::make_unique<Impl>(io, opts)) {}
+StorageEngine::~StorageEngine() { impl_->close(); }
+void StorageEngine::register_buffers(std::span<const iovec> buffers) { impl_->register_buffers(buffers); }
+void StorageEngine::submit(BackingFile& file, IoRequest* req) { impl_->submit(file, req); }
+unsigned StorageEngine::in_flight() const { return impl_->in_flight_; }
+const StorageEngine::Stats& StorageEngine::stats() const { return impl_->stats_; }
+
+}  // namespace ibdisk::target

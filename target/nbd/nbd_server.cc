@@ -65,6 +65,7 @@ class RegistryCatalog final : public ExportCatalog {
   }
 
   target::ExportLease* lease() const { return lease_.get(); }
+  void release() { lease_.reset(); }
 
  private:
   bool lookup(std::string_view name, target::ExportInfo* info, CatalogAnswer* a) const {
@@ -196,10 +197,17 @@ class Connection : public std::enable_shared_from_this<Connection> {
     timer_.cancel();
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);
+    release_export_if_idle();
   }
 
  private:
   // --- handshake ---------------------------------------------------------------------------
+  // Once closed and with nothing at the storage engine, the export is free for the next
+  // client, even while handlers of this connection still wait in the io_context.
+  void release_export_if_idle() {
+    if (closed_ && in_engine_ == 0) catalog_.release();
+  }
+
   // true (and the connection closed) when a socket operation failed.
   bool failed(const error_code& ec, const char* what) {
     if (!ec) return false;
@@ -424,6 +432,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     }
     self->finish(s);
     self->end_if_disconnected();
+    self->release_export_if_idle();
   }
 
   // Queues the slot's reply.

@@ -36,8 +36,9 @@ class NbdServer {
  public:
   // Binds and listens now (port 0: the kernel picks one, see port()). Throws SystemError
   // naming the endpoint, the reason and the fix (port in use, address not on this host).
-  // `io`, `exports` and `engine` must outlive the server and its connections; `engine` must be
-  // the storage engine driven by `io`, which runs on one thread.
+  // `engine` must be the storage engine driven by `io`, which runs on one thread. `exports`
+  // must outlive the server and the engine: a connection closed while its requests are still
+  // at the engine releases its export when they complete.
   NbdServer(boost::asio::io_context& io, target::ExportRegistry& exports, target::StorageEngine& engine,
             target::NetworkAllowList allow, boost::asio::ip::tcp::endpoint listen, NbdServerOptions opts = {});
   // On the io thread, or once the io_context no longer runs: stops as stop() does.

@@ -81,8 +81,8 @@ class RegistryCatalog final : public ExportCatalog {
     return true;
   }
   static std::string busy_message(const std::string& name) {
-    return "export '" + name + "' already has a writer and is exclusive (one NBD client at a time); "
-           "disconnect the other client, or serve the export with ,shared or ,ro";
+    // Short: nbd-client shows only the first 128 bytes.
+    return "export '" + name + "' already has a writer (exclusive); disconnect it or serve the export ,shared or ,ro";
   }
 
   target::ExportRegistry& registry_;

@@ -1,0 +1,592 @@
+// The NBD front end over real loopback TCP with the real storage engine: a raw protocol client
+// for the exact bytes (errors, out-of-order replies, broken streams, export rules), then the
+// real clients installed on the host (nbdinfo, nbdcopy, qemu-img) with content checked by
+// SHA-256 both ways.
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <optional>
+#include <thread>
+
+#include "common/checksum.h"
+#include "target/acl.h"
+#include "target/exports.h"
+#include "target/nbd/nbd_server.h"
+#include "target/nbd/protocol.h"
+#include "target/storage.h"
+#include "tests/support/process.h"
+#include "transport/tcp/asio.h"
+
+namespace ibdisk::nbd {
+namespace {
+
+namespace fs = std::filesystem;
+using boost::asio::ip::tcp;
+
+constexpr std::uint64_t kDiskSize = 4u << 20;
+constexpr std::uint64_t kIsoSize = 1u << 20;
+
+std::vector<std::byte> pattern(std::size_t n, std::uint64_t seed) {
+  std::vector<std::byte> v(n);
+  fill_pattern(v, seed);
+  return v;
+}
+
+std::vector<std::byte> read_file(const fs::path& p) {
+  std::ifstream f(p, std::ios::binary);
+  std::vector<char> c((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  return {reinterpret_cast<std::byte*>(c.data()), reinterpret_cast<std::byte*>(c.data()) + c.size()};
+}
+
+void write_file(const fs::path& p, std::span<const std::byte> data) {
+  std::ofstream f(p, std::ios::binary | std::ios::trunc);
+  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+}
+
+std::string file_sha(const fs::path& p) { return sha256_hex(read_file(p)); }
+
+// The tool's absolute path from PATH (the process helper does not search), or empty.
+std::string tool(const std::string& name) {
+  const char* path = std::getenv("PATH");
+  std::string dirs = path ? path : "/usr/bin:/bin";
+  for (std::size_t pos = 0; pos <= dirs.size();) {
+    const auto end = std::min(dirs.find(':', pos), dirs.size());
+    const fs::path candidate = fs::path(dirs.substr(pos, end - pos)) / name;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate.string();
+    pos = end + 1;
+  }
+  return {};
+}
+
+// Exports in a temporary folder, the registry, one io thread with the storage engine and the
+// NBD server. Members are declared so the registry outlives the engine and the server.
+class NbdServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { start({}); }
+
+  void start(std::vector<std::string> allow) {
+    dir_ = fs::temp_directory_path() / ("ibdisk-nbd-" + std::to_string(::getpid()) + "-" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    write_file(dir_ / "disk.img", std::vector<std::byte>(kDiskSize));
+    iso_ = pattern(kIsoSize, 42);
+    write_file(dir_ / "iso.img", iso_);
+    write_file(dir_ / "shared.img", std::vector<std::byte>(kDiskSize));
+    registry_.emplace(std::vector<target::ExportConfig>{
+        {"disk", (dir_ / "disk.img").string(), false, false},
+        {"iso", (dir_ / "iso.img").string(), true, false},
+        {"shared", (dir_ / "shared.img").string(), false, true},
+    });
+    engine_.emplace(io_, target::StorageEngine::Options{});
+    server_.emplace(io_, *registry_, *engine_, target::NetworkAllowList(allow),
+                    tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+    work_.emplace(io_.get_executor());
+    thread_ = std::thread([this] { io_.run(); });
+  }
+
+  void TearDown() override {
+    work_.reset();
+    io_.stop();
+    if (thread_.joinable()) thread_.join();
+    server_.reset();
+    engine_.reset();
+    fs::remove_all(dir_);
+  }
+
+  std::uint16_t port() const { return server_->port(); }
+  std::string uri(const std::string& name) const {
+    return "nbd://127.0.0.1:" + std::to_string(port()) + "/" + name;
+  }
+
+  fs::path dir_;
+  std::vector<std::byte> iso_;
+  std::optional<target::ExportRegistry> registry_;
+  boost::asio::io_context io_;
+  std::optional<target::StorageEngine> engine_;
+  std::optional<NbdServer> server_;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work_;
+  std::thread thread_;
+};
+
+// A blocking NBD client that speaks the bytes itself.
+class RawClient {
+ public:
+  explicit RawClient(std::uint16_t port) : socket_(io_) {
+    socket_.connect({boost::asio::ip::make_address("127.0.0.1"), port});
+  }
+
+  void send(std::span<const std::byte> b) { boost::asio::write(socket_, boost::asio::buffer(b.data(), b.size())); }
+  template <typename Wire>
+  void send_wire(const Wire& w) { send(bytes_of(w)); }
+
+  std::vector<std::byte> recv(std::size_t n) {
+    std::vector<std::byte> b(n);
+    boost::asio::read(socket_, boost::asio::buffer(b));
+    return b;
+  }
+  template <typename Wire>
+  Wire recv_wire() {
+    const auto b = recv(sizeof(Wire));
+    return load<Wire>(b);
+  }
+
+  // true when the server closed the connection (read sees EOF or a reset).
+  bool closed_by_server() {
+    std::byte b;
+    boost::system::error_code ec;
+    boost::asio::read(socket_, boost::asio::buffer(&b, 1), ec);
+    return ec == boost::asio::error::eof || ec == boost::asio::error::connection_reset;
+  }
+
+  void greet(std::uint32_t flags = kClientFlagFixedNewstyle | kClientFlagNoZeroes) {
+    const auto g = recv_wire<GreetingWire>();
+    ASSERT_EQ(g.magic.get(), kNbdMagic);
+    ASSERT_EQ(g.option_magic.get(), kOptionMagic);
+    ASSERT_EQ(g.handshake_flags.get(), kFlagFixedNewstyle | kFlagNoZeroes);
+    Be32 f;
+    f.set(flags);
+    send_wire(f);
+  }
+
+  struct OptReply {
+    std::uint32_t type;
+    std::vector<std::byte> data;
+    std::string text() const { return {reinterpret_cast<const char*>(data.data()), data.size()}; }
+  };
+  void send_option(std::uint32_t option, std::span<const std::byte> data) {
+    OptionHeaderWire h;
+    h.magic.set(kOptionMagic);
+    h.option.set(option);
+    h.length.set(static_cast<std::uint32_t>(data.size()));
+    send_wire(h);
+    send(data);
+  }
+  // Sends an option; returns its replies up to and including the final one.
+  std::vector<OptReply> option(std::uint32_t option, std::span<const std::byte> data = {}) {
+    send_option(option, data);
+    std::vector<OptReply> out;
+    for (;;) {
+      const auto h = recv_wire<OptionReplyHeaderWire>();
+      EXPECT_EQ(h.magic.get(), kOptionReplyMagic);
+      EXPECT_EQ(h.option.get(), option);
+      out.push_back({h.type.get(), recv(h.length.get())});
+      if (out.back().type != kRepServer && out.back().type != kRepInfo) return out;
+    }
+  }
+  static std::vector<std::byte> query(std::string_view name) {
+    std::vector<std::byte> d(4 + name.size() + 2);
+    Be32 len;
+    len.set(static_cast<std::uint32_t>(name.size()));
+    std::memcpy(d.data(), &len, 4);
+    std::memcpy(d.data() + 4, name.data(), name.size());
+    return d;
+  }
+  // Handshake through NBD_OPT_GO; returns the final reply and keeps the transmission flags.
+  OptReply go(std::string_view name, bool structured = false) {
+    greet();
+    if (structured) {
+      auto r = option(kOptStructuredReply);
+      EXPECT_EQ(r.back().type, kRepAck);
+    }
+    auto r = option(kOptGo, query(name));
+    for (const auto& x : r) {
+      if (x.type == kRepInfo && load<Be16>(x.data).get() == kInfoExport) {
+        const auto info = load<InfoExportWire>(x.data);
+        size_ = info.size.get();
+        flags_ = info.transmission_flags.get();
+      }
+    }
+    return r.back();
+  }
+
+  void request(std::uint16_t type, std::uint64_t cookie, std::uint64_t offset, std::uint32_t length,
+               std::uint16_t flags = 0, std::span<const std::byte> payload = {}) {
+    RequestWire w;
+    w.magic.set(kRequestMagic);
+    w.flags.set(flags);
+    w.type.set(type);
+    w.cookie.set(cookie);
+    w.offset.set(offset);
+    w.length.set(length);
+    send_wire(w);
+    send(payload);
+  }
+  // A simple reply's (error, cookie).
+  std::pair<std::uint32_t, std::uint64_t> simple() {
+    const auto r = recv_wire<SimpleReplyWire>();
+    EXPECT_EQ(r.magic.get(), kSimpleReplyMagic);
+    return {r.error.get(), r.cookie.get()};
+  }
+
+  std::uint64_t size_ = 0;
+  std::uint16_t flags_ = 0;
+
+ private:
+  boost::asio::io_context io_;
+  tcp::socket socket_;
+};
+
+// --- raw protocol ---------------------------------------------------------------------------
+
+// Every command on a writable export: write with FUA, read back, flush, trim, write-zeroes,
+// then NBD_CMD_DISC ends the connection cleanly and the bytes are in the backing file.
+TEST_F(NbdServerTest, CommandsRoundTripAndReachTheFile) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("disk").type, kRepAck);
+  EXPECT_EQ(c.size_, kDiskSize);
+  EXPECT_TRUE(c.flags_ & kFlagSendFua);
+  EXPECT_FALSE(c.flags_ & kFlagReadOnly);
+
+  const auto data = pattern(64 << 10, 7);
+  c.request(kCmdWrite, 1, 4096, static_cast<std::uint32_t>(data.size()), kCmdFlagFua, data);
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{1}));
+  c.request(kCmdRead, 2, 4096, static_cast<std::uint32_t>(data.size()));
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{2}));
+  EXPECT_EQ(c.recv(data.size()), data);
+  c.request(kCmdFlush, 3, 0, 0);
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{3}));
+  // Unaligned write: through the page cache.
+  const auto odd = pattern(1000, 8);
+  c.request(kCmdWrite, 4, 123457, 1000, 0, odd);
+  EXPECT_EQ(c.simple().first, 0u);
+  c.request(kCmdWriteZeroes, 5, 4096 + 8192, 8192);
+  EXPECT_EQ(c.simple().first, 0u);
+  c.request(kCmdRead, 6, 4096 + 8192, 8192);
+  EXPECT_EQ(c.simple().first, 0u);
+  EXPECT_EQ(c.recv(8192), std::vector<std::byte>(8192));
+  if (c.flags_ & kFlagSendTrim) {
+    c.request(kCmdTrim, 7, 1 << 20, 1 << 20);
+    EXPECT_EQ(c.simple().first, 0u);
+  }
+  c.request(kCmdDisc, 8, 0, 0);
+  EXPECT_TRUE(c.closed_by_server());
+
+  auto expect = std::vector<std::byte>(kDiskSize);
+  std::copy(data.begin(), data.end(), expect.begin() + 4096);
+  std::fill(expect.begin() + 4096 + 8192, expect.begin() + 4096 + 16384, std::byte{0});
+  std::copy(odd.begin(), odd.end(), expect.begin() + 123457);
+  EXPECT_EQ(sha256_hex(read_file(dir_ / "disk.img")), sha256_hex(expect));
+}
+
+// Many requests in flight on one connection; replies matched by cookie, in any order.
+TEST_F(NbdServerTest, ManyRequestsInFlightMatchedByCookie) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("disk").type, kRepAck);
+  constexpr int kN = 48;
+  constexpr std::uint32_t kLen = 16 << 10;
+  for (int i = 0; i < kN; ++i) {
+    c.request(kCmdWrite, 1000 + i, std::uint64_t(i) * kLen, kLen, 0, pattern(kLen, i));
+  }
+  std::map<std::uint64_t, int> seen;
+  for (int i = 0; i < kN; ++i) {
+    const auto [err, cookie] = c.simple();
+    EXPECT_EQ(err, 0u);
+    ++seen[cookie];
+  }
+  EXPECT_EQ(seen.size(), std::size_t(kN));
+  for (int i = 0; i < kN; ++i) c.request(kCmdRead, 5000 + i, std::uint64_t(i) * kLen, kLen);
+  for (int i = 0; i < kN; ++i) {
+    const auto [err, cookie] = c.simple();
+    ASSERT_EQ(err, 0u);
+    ASSERT_GE(cookie, 5000u);
+    ASSERT_LT(cookie, 5000u + kN);
+    EXPECT_EQ(c.recv(kLen), pattern(kLen, cookie - 5000)) << "cookie " << cookie;
+  }
+}
+
+// Bad requests get an error reply and the connection keeps serving, in step.
+TEST_F(NbdServerTest, BadRequestsGetErrorsAndServingContinues) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("disk").type, kRepAck);
+  c.request(kCmdRead, 1, kDiskSize - 512, 1024);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEinval}, std::uint64_t{1}));
+  // A write past the end: ENOSPC, and its payload is skipped so the next header is found.
+  const auto junk = pattern(4096, 3);
+  c.request(kCmdWrite, 2, kDiskSize, 4096, 0, junk);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEnospc}, std::uint64_t{2}));
+  c.request(kCmdWrite, 3, 0, 4096, kCmdFlagFastZero, junk);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEinval}, std::uint64_t{3}));
+  c.request(77, 4, 0, 512);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEinval}, std::uint64_t{4}));
+  c.request(kCmdRead, 5, 0, 0);
+  EXPECT_EQ(c.simple().first, std::uint32_t{kEinval});
+  c.request(kCmdRead, 6, ~0ull - 10, 4096);
+  EXPECT_EQ(c.simple().first, std::uint32_t{kEinval});
+  // A write larger than the maximum block size: refused, payload read past.
+  const std::vector<std::byte> big(kMaxPayload + 4096);
+  c.request(kCmdWrite, 7, 0, static_cast<std::uint32_t>(big.size()), 0, big);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEinval}, std::uint64_t{7}));
+  c.request(kCmdWrite, 8, 0, 4096, 0, junk);
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{8}));
+  c.request(kCmdRead, 9, 0, 4096);
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{9}));
+  EXPECT_EQ(c.recv(4096), junk);
+}
+
+// A read-only export is advertised as such, reads work, writes get EPERM.
+TEST_F(NbdServerTest, ReadOnlyExportRefusesWrites) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("iso").type, kRepAck);
+  EXPECT_TRUE(c.flags_ & kFlagReadOnly);
+  EXPECT_FALSE(c.flags_ & kFlagSendTrim);
+  c.request(kCmdRead, 1, 0, 8192);
+  EXPECT_EQ(c.simple().first, 0u);
+  EXPECT_EQ(c.recv(8192), std::vector<std::byte>(iso_.begin(), iso_.begin() + 8192));
+  const auto junk = pattern(512, 1);
+  c.request(kCmdWrite, 2, 0, 512, 0, junk);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEperm}, std::uint64_t{2}));
+  c.request(kCmdRead, 3, 512, 512);
+  EXPECT_EQ(c.simple().first, 0u);
+  EXPECT_EQ(c.recv(512), std::vector<std::byte>(iso_.begin() + 512, iso_.begin() + 1024));
+  EXPECT_EQ(read_file(dir_ / "iso.img"), iso_);
+}
+
+// With structured replies: reads are one OFFSET_DATA chunk, errors an ERROR chunk with a
+// message, other commands a NONE chunk; all marked DONE.
+TEST_F(NbdServerTest, StructuredReplies) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("iso", true).type, kRepAck);
+  EXPECT_TRUE(c.flags_ & kFlagSendDf);
+  c.request(kCmdRead, 11, 4096, 4096, kCmdFlagDf);
+  auto h = c.recv_wire<StructuredReplyWire>();
+  EXPECT_EQ(h.magic.get(), kStructuredReplyMagic);
+  EXPECT_EQ(h.flags.get(), kReplyFlagDone);
+  EXPECT_EQ(h.type.get(), kReplyOffsetData);
+  EXPECT_EQ(h.cookie.get(), 11u);
+  ASSERT_EQ(h.length.get(), 8u + 4096);
+  EXPECT_EQ(c.recv_wire<OffsetDataChunkWire>().offset.get(), 4096u);
+  EXPECT_EQ(c.recv(4096), std::vector<std::byte>(iso_.begin() + 4096, iso_.begin() + 8192));
+
+  c.request(kCmdRead, 12, kIsoSize, 512);
+  h = c.recv_wire<StructuredReplyWire>();
+  EXPECT_EQ(h.type.get(), kReplyError);
+  EXPECT_EQ(h.flags.get(), kReplyFlagDone);
+  EXPECT_EQ(h.cookie.get(), 12u);
+  const auto e = c.recv_wire<ErrorChunkWire>();
+  EXPECT_EQ(e.error.get(), std::uint32_t{kEinval});
+  ASSERT_EQ(h.length.get(), 6u + e.message_length.get());
+  const auto msg = c.recv(e.message_length.get());
+  EXPECT_NE(std::string(reinterpret_cast<const char*>(msg.data()), msg.size()).find("beyond the end"), std::string::npos);
+
+  c.request(kCmdFlush, 13, 0, 0);
+  h = c.recv_wire<StructuredReplyWire>();
+  EXPECT_EQ(h.type.get(), kReplyNone);
+  EXPECT_EQ(h.flags.get(), kReplyFlagDone);
+  EXPECT_EQ(h.cookie.get(), 13u);
+  EXPECT_EQ(h.length.get(), 0u);
+}
+
+// Garbage where a request header belongs closes that connection only.
+TEST_F(NbdServerTest, BadMagicClosesOnlyThatConnection) {
+  RawClient good(port());
+  ASSERT_EQ(good.go("iso").type, kRepAck);
+  RawClient bad(port());
+  ASSERT_EQ(bad.go("shared").type, kRepAck);
+  std::vector<std::byte> junk(28, std::byte{0x5a});
+  bad.send(junk);
+  EXPECT_TRUE(bad.closed_by_server());
+  good.request(kCmdRead, 1, 0, 512);
+  EXPECT_EQ(good.simple().first, 0u);
+  EXPECT_EQ(good.recv(512), std::vector<std::byte>(iso_.begin(), iso_.begin() + 512));
+}
+
+// A stream cut inside a request header or a write payload closes that connection; the
+// server goes on accepting, and the exclusive export becomes free again.
+TEST_F(NbdServerTest, TruncatedStreamClosesConnectionAndFreesTheExport) {
+  {
+    RawClient c(port());
+    ASSERT_EQ(c.go("disk").type, kRepAck);
+    c.request(kCmdWrite, 1, 0, 4096, 0, pattern(100, 1));  // 100 of 4096 payload bytes
+  }
+  {
+    RawClient c(port());
+    ASSERT_EQ(c.go("iso").type, kRepAck);
+    c.send(std::vector<std::byte>(10, std::byte{0x25}));
+  }
+  // The export is released once the server has seen the close; retry briefly.
+  RawClient::OptReply last{};
+  for (int i = 0; i < 100; ++i) {
+    RawClient c(port());
+    last = c.go("disk");
+    if (last.type == kRepAck) {
+      c.request(kCmdRead, 1, 0, 512);
+      EXPECT_EQ(c.simple().first, 0u);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(last.type, kRepAck) << last.text();
+}
+
+// Exclusive export: a second client is refused with NBD_REP_ERR_POLICY and a message, may
+// pick another export, and gets the first one after its writer left.
+TEST_F(NbdServerTest, ExclusiveExportHasOneClientAtATime) {
+  auto a = std::make_unique<RawClient>(port());
+  ASSERT_EQ(a->go("disk").type, kRepAck);
+  RawClient b(port());
+  b.greet();
+  auto r = b.option(kOptGo, RawClient::query("disk"));
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrPolicy);
+  EXPECT_NE(r[0].text().find("already has a writer"), std::string::npos) << r[0].text();
+  r = b.option(kOptInfo, RawClient::query("disk"));
+  EXPECT_EQ(r.back().type, kRepErrPolicy);
+  r = b.option(kOptGo, RawClient::query("iso"));
+  EXPECT_EQ(r.back().type, kRepAck);
+
+  a->request(kCmdDisc, 0, 0, 0);
+  EXPECT_TRUE(a->closed_by_server());
+  a.reset();
+  RawClient::OptReply last{};
+  for (int i = 0; i < 100 && last.type != kRepAck; ++i) {
+    RawClient c(port());
+    last = c.go("disk");
+    if (last.type != kRepAck) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(last.type, kRepAck) << last.text();
+}
+
+// Shared export: several writers at once, multi-conn advertised.
+TEST_F(NbdServerTest, SharedExportTakesSeveralWriters) {
+  RawClient a(port()), b(port());
+  ASSERT_EQ(a.go("shared").type, kRepAck);
+  ASSERT_EQ(b.go("shared").type, kRepAck);
+  EXPECT_TRUE(a.flags_ & kFlagCanMultiConn);
+  const auto d = pattern(4096, 9);
+  a.request(kCmdWrite, 1, 0, 4096, kCmdFlagFua, d);
+  EXPECT_EQ(a.simple().first, 0u);
+  b.request(kCmdRead, 2, 0, 4096);
+  EXPECT_EQ(b.simple().first, 0u);
+  EXPECT_EQ(b.recv(4096), d);
+}
+
+// The handshake's option paths over the socket: LIST, unknown export, unknown option, a bad
+// option magic closes.
+TEST_F(NbdServerTest, HandshakeOptions) {
+  RawClient c(port());
+  c.greet();
+  auto r = c.option(kOptList);
+  ASSERT_EQ(r.size(), 4u);
+  EXPECT_EQ(r[0].type, kRepServer);
+  EXPECT_EQ(r[3].type, kRepAck);
+  r = c.option(kOptGo, RawClient::query("missing"));
+  EXPECT_EQ(r.back().type, kRepErrUnknown);
+  EXPECT_NE(r.back().text().find("disk, iso, shared"), std::string::npos) << r.back().text();
+  r = c.option(4242);
+  EXPECT_EQ(r.back().type, kRepErrUnsup);
+  Be64 junk;
+  junk.set(0x1234);
+  c.send_wire(junk);
+  c.send_wire(junk);
+  EXPECT_TRUE(c.closed_by_server());
+
+  RawClient d(port());
+  d.greet(0x10);  // unknown client flag: the server must close
+  EXPECT_TRUE(d.closed_by_server());
+
+  RawClient e(port());
+  e.greet();
+  OptionHeaderWire h;
+  h.magic.set(kOptionMagic);
+  h.option.set(kOptGo);
+  h.length.set(kMaxOptionLength + 1);
+  e.send_wire(h);
+  EXPECT_TRUE(e.closed_by_server());
+}
+
+// NBD_OPT_EXPORT_NAME (the old way in): size, flags and 124 zeroes unless NO_ZEROES.
+TEST_F(NbdServerTest, ExportNameOption) {
+  RawClient c(port());
+  c.greet(kClientFlagFixedNewstyle);
+  const std::string name = "iso";
+  c.send_option(kOptExportName, std::as_bytes(std::span(name)));
+  const auto rep = c.recv_wire<ExportNameReplyWire>();
+  EXPECT_EQ(rep.size.get(), kIsoSize);
+  EXPECT_TRUE(rep.transmission_flags.get() & kFlagReadOnly);
+  EXPECT_EQ(c.recv(kExportNameZeroes), std::vector<std::byte>(kExportNameZeroes));
+  c.request(kCmdRead, 1, 0, 16);
+  EXPECT_EQ(c.simple().first, 0u);
+  EXPECT_EQ(c.recv(16), std::vector<std::byte>(iso_.begin(), iso_.begin() + 16));
+}
+
+class NbdServerAclTest : public NbdServerTest {
+ protected:
+  void SetUp() override { start({"10.99.0.0/16"}); }
+};
+
+// A peer outside the allowed networks is disconnected before the greeting.
+TEST_F(NbdServerAclTest, DisallowedPeerIsRefused) {
+  RawClient c(port());
+  EXPECT_TRUE(c.closed_by_server());
+}
+
+// --- real clients ---------------------------------------------------------------------------
+
+#define REQUIRE_TOOL(name) \
+  if (tool(name).empty()) GTEST_SKIP() << name << " is not installed (scripts/install-deps installs it)"
+
+TEST_F(NbdServerTest, NbdinfoListsAndDescribesExports) {
+  REQUIRE_TOOL("nbdinfo");
+  auto r = testing::run({tool("nbdinfo"), "--list", "nbd://127.0.0.1:" + std::to_string(port())});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("export=\"disk\""), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("export=\"iso\""), std::string::npos) << r.output;
+  r = testing::run({tool("nbdinfo"), "--size", uri("disk")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(std::stoull(r.output), kDiskSize);
+  r = testing::run({tool("nbdinfo"), uri("iso")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("is_read_only: true"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("export-size: " + std::to_string(kIsoSize)), std::string::npos) << r.output;
+  r = testing::run({tool("nbdinfo"), uri("nonexistent")});
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.output.find("nonexistent"), std::string::npos) << r.output;
+}
+
+// nbdcopy both ways, content checked by SHA-256 on the backing file and on the copy.
+TEST_F(NbdServerTest, NbdcopyBothWays) {
+  REQUIRE_TOOL("nbdcopy");
+  const auto src = pattern(kDiskSize, 1234);
+  write_file(dir_ / "src.img", src);
+  auto r = testing::run({tool("nbdcopy"), (dir_ / "src.img").string(), uri("disk")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(file_sha(dir_ / "disk.img"), sha256_hex(src));
+  r = testing::run({tool("nbdcopy"), uri("disk"), (dir_ / "back.img").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(file_sha(dir_ / "back.img"), sha256_hex(src));
+  // A read-only export copies out, several connections at once (multi-conn).
+  r = testing::run({tool("nbdcopy"), "--connections=4", uri("iso"), (dir_ / "iso-copy.img").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(file_sha(dir_ / "iso-copy.img"), sha256_hex(iso_));
+  // And refuses to be written.
+  r = testing::run({tool("nbdcopy"), (dir_ / "src.img").string(), uri("iso")});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_EQ(read_file(dir_ / "iso.img"), iso_);
+}
+
+TEST_F(NbdServerTest, QemuImgInfoAndConvertBothWays) {
+  REQUIRE_TOOL("qemu-img");
+  auto r = testing::run({tool("qemu-img"), "info", "--output=json", uri("disk")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("\"virtual-size\": " + std::to_string(kDiskSize)), std::string::npos) << r.output;
+  const auto src = pattern(kDiskSize, 99);
+  write_file(dir_ / "src.img", src);
+  r = testing::run({tool("qemu-img"), "convert", "-n", "-f", "raw", "-O", "raw", (dir_ / "src.img").string(), uri("disk")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(file_sha(dir_ / "disk.img"), sha256_hex(src));
+  r = testing::run({tool("qemu-img"), "convert", "-f", "raw", "-O", "raw", uri("iso"), (dir_ / "iso-copy.img").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(file_sha(dir_ / "iso-copy.img"), sha256_hex(iso_));
+  r = testing::run({tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", (dir_ / "src.img").string(), uri("disk")});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+}  // namespace
+}  // namespace ibdisk::nbd

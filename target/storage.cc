@@ -182,6 +182,7 @@ struct StorageEngine::Impl {
   void submit_now();
   void reap();
   void drain_ready();
+  void turn();
   void arm_eventfd();
   void drain_for_shutdown();
 
@@ -517,12 +518,21 @@ void StorageEngine::Impl::schedule_flush() {
   if (flush_scheduled_ || closing_) return;
   flush_scheduled_ = true;
   boost::asio::post(io_, [this, alive = alive_] {
-    if (!*alive) return;
-    flush_scheduled_ = false;
-    submit_now();
-    reap();  // buffered reads served from the page cache complete inside io_uring_enter
-    drain_ready();
+    if (*alive) turn();
   });
+}
+
+// One turn of the engine, from a posted flush or the eventfd: submit what is queued, take the
+// completions (buffered reads served from the page cache complete inside io_uring_enter), run
+// callbacks, and submit what they queued in the same turn.
+void StorageEngine::Impl::turn() {
+  flush_scheduled_ = true;  // submissions made by callbacks go out at the end of this turn
+  submit_now();
+  reap();
+  drain_ready();
+  flush_scheduled_ = false;
+  submit_now();
+  if (ready_head_ != nullptr) schedule_flush();
 }
 
 void StorageEngine::Impl::submit_now() {
@@ -561,15 +571,20 @@ void StorageEngine::Impl::reap() {
   }
 }
 
+// async_wait, not async_read_some: no speculative read() each time it is armed.
 void StorageEngine::Impl::arm_eventfd() {
-  eventfd_->async_read_some(boost::asio::buffer(&eventfd_value_, sizeof eventfd_value_),
-                            [this, alive = alive_](const boost::system::error_code& ec, std::size_t) {
-                              if (!*alive || ec == boost::asio::error::operation_aborted) return;
-                              if (ec) storage_log()->error("reading the io_uring eventfd: {}", ec.message());
-                              reap();
-                              submit_now();  // what the callbacks queued, without waiting a turn
-                              arm_eventfd();
-                            });
+  eventfd_->async_wait(boost::asio::posix::descriptor_base::wait_read,
+                       [this, alive = alive_](const boost::system::error_code& ec) {
+                         if (!*alive || ec == boost::asio::error::operation_aborted) return;
+                         if (ec) storage_log()->error("waiting on the io_uring eventfd: {}", ec.message());
+                         // Reset the counter before reaping: a CQE posted after this wakes us again.
+                         if (::read(eventfd_->native_handle(), &eventfd_value_, sizeof eventfd_value_) < 0 &&
+                             errno != EAGAIN) {
+                           storage_log()->error("reading the io_uring eventfd: {}", errno_text(errno));
+                         }
+                         turn();
+                         arm_eventfd();
+                       });
 }
 
 void StorageEngine::Impl::drain_for_shutdown() {

@@ -1,5 +1,6 @@
 // `ibdisk setup`: inventory (status), diagnosis (doctor) and system changes (plan, apply,
 // undo) for InfiniBand, IPoIB and RoCE hosts. Everything reads and writes under --root.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -12,6 +13,7 @@
 #include "setup/doctor.h"
 #include "setup/inventory.h"
 #include "setup/mstconfig.h"
+#include "setup/plan.h"
 #include "setup/report.h"
 
 namespace ibdisk::cli {
@@ -60,7 +62,53 @@ struct Common {
   std::string root = "/";
   bool json = false;
   std::string mstconfig;
+  PlanOptions plan;
+  std::string network;
+  std::string slaves;
+  bool no_commands = false;
+  bool all = false;
 };
+
+void add_plan_options(CLI::App* sub, Common& c) {
+  std::string names;
+  for (const auto& k : plan_components()) names += (names.empty() ? "" : ", ") + k;
+  sub->add_option("components", c.plan.components, "What to configure, one or more of: " + names)
+      ->required()
+      ->check(CLI::IsMember(plan_components()));
+  sub->add_option("--iface", c.plan.iface, "ipoib: the IPoIB interface (ib0)");
+  sub->add_option("--address", c.plan.address, "ipoib, bond: IPv4 address with prefix (10.30.0.1/24; ipoib keeps the current one by default)");
+  sub->add_option("--network", c.network, "ipoib, bond: ifupdown, networkd or networkmanager (default: what the host uses)")
+      ->check(CLI::IsMember({"ifupdown", "networkd", "networkmanager"}));
+  sub->add_option("--mtu", c.plan.mtu, "ipoib: MTU in connected mode")->capture_default_str()->check(CLI::Range(1280, 65520));
+  sub->add_option("--guid", c.plan.guid, "sm: port GUID opensm binds to (default: the InfiniBand port without a subnet manager)");
+  sub->add_option("--device", c.plan.device, "port-type: PCI address of the card (0000:05:00.0)");
+  sub->add_option("--port", c.plan.port, "port-type: port number (1 or 2)");
+  sub->add_option("--link-type", c.plan.link_type, "port-type: ib, eth or vpi")->check(CLI::IsMember({"ib", "eth", "vpi"}));
+  sub->add_option("--mstconfig", c.mstconfig, "port-type: file with `mstconfig query` output (default: run mstconfig when --root is /)");
+  sub->add_option("--rename", c.plan.renames, "names: OLD=NEW, persistent name by hardware address (repeatable)");
+  sub->add_option("--netdev", c.plan.netdev, "soft-roce: the Ethernet interface to run Soft-RoCE on");
+  sub->add_option("--rxe-name", c.plan.rxe_name, "soft-roce: name of the RDMA device (default rxe_NETDEV)");
+  sub->add_option("--bond-name", c.plan.bond_name, "bond: the bond interface")->capture_default_str();
+  sub->add_option("--bond-mode", c.plan.bond_mode, "bond: active-backup or balance-rr")
+      ->check(CLI::IsMember({"active-backup", "balance-rr"}));
+  sub->add_option("--slaves", c.slaves, "bond: the member interfaces, comma-separated (eth40a,eth40b)");
+}
+
+Plan build_plan(Common& c, const Root& root) {
+  check_root(c.root);
+  if (c.network == "ifupdown") c.plan.network = NetworkSystem::kIfupdown;
+  if (c.network == "networkd") c.plan.network = NetworkSystem::kNetworkd;
+  if (c.network == "networkmanager") c.plan.network = NetworkSystem::kNetworkManager;
+  c.plan.slaves.clear();
+  std::stringstream ss(c.slaves);
+  for (std::string s; std::getline(ss, s, ',');) {
+    if (!s.empty()) c.plan.slaves.push_back(s);
+  }
+  if (std::find(c.plan.components.begin(), c.plan.components.end(), "port-type") != c.plan.components.end()) {
+    c.plan.mst = load_mstconfig(root, c.mstconfig);
+  }
+  return make_plan(root, read_inventory(root), c.plan);
+}
 
 void add_root_option(CLI::App* sub, Common& c) {
   sub->add_option("--root", c.root,
@@ -123,6 +171,46 @@ void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& top_
       std::cerr << "ibdisk setup doctor: " << e.what() << "\n";
       return kDoctorFailed;
     }
+  });
+
+  auto* plan = setup->add_subcommand(
+      "plan", "Show what apply would change: unified diffs of the files, kernel settings and commands. Changes nothing");
+  add_root_option(plan, *common);
+  add_plan_options(plan, *common);
+  on_run(plan, [common] {
+    const Root root(common->root);
+    std::cout << format_plan(root, build_plan(*common, root));
+    return 0;
+  });
+
+  auto* apply = setup->add_subcommand(
+      "apply", "Make the changes plan shows; idempotent, with a journal and backups for undo.\n"
+               "Commands (modprobe, systemctl, rdma, mstconfig) run only when --root is /");
+  add_root_option(apply, *common);
+  add_plan_options(apply, *common);
+  apply->add_flag("--no-commands", common->no_commands, "Write files and kernel settings only; print the commands instead of running them");
+  on_run(apply, [common] {
+    const Root root(common->root);
+    const auto p = build_plan(*common, root);
+    std::cout << format_plan(root, p);
+    const auto r = apply_plan(root, p, root.is_live() && !common->no_commands);
+    std::cout << "\n";
+    for (const auto& line : r.log) std::cout << "apply: " << line << "\n";
+    if (!r.journal.empty()) std::cout << "apply: journal " << root.at(r.journal).string() << " (`ibdisk setup undo` reverts)\n";
+    if (!r.ok) std::cerr << "ibdisk setup apply: a command failed; the steps before it stay applied (`ibdisk setup undo` reverts them)\n";
+    return r.ok ? 0 : 1;
+  });
+
+  auto* undo = setup->add_subcommand("undo", "Revert the last apply (or all of them): files byte for byte, kernel settings, commands");
+  add_root_option(undo, *common);
+  undo->add_flag("--all", common->all, "Revert every apply, newest first");
+  undo->add_flag("--no-commands", common->no_commands, "Do not run the undo commands (rdma link delete, systemctl disable, ...)");
+  on_run(undo, [common] {
+    check_root(common->root);
+    const Root root(common->root);
+    const auto r = undo_last(root, root.is_live() && !common->no_commands, common->all);
+    for (const auto& line : r.log) std::cout << "undo: " << line << "\n";
+    return r.ok ? 0 : 1;
   });
 }
 

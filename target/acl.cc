@@ -11,12 +11,20 @@ ip::address unmap(const ip::address& a) {
   return a;
 }
 
+// One to_bytes() result per address: begin() and end() of two temporaries are two arrays.
+std::vector<unsigned char> address_bytes(const ip::address& a) {
+  if (a.is_v4()) {
+    const auto b = a.to_v4().to_bytes();
+    return {b.begin(), b.end()};
+  }
+  const auto b = a.to_v6().to_bytes();
+  return {b.begin(), b.end()};
+}
+
 bool prefix_match(const ip::address& a, const ip::address& b, unsigned prefix) {
   if (a.is_v4() != b.is_v4()) return false;
-  const auto bytes_a = a.is_v4() ? std::vector<unsigned char>(a.to_v4().to_bytes().begin(), a.to_v4().to_bytes().end())
-                                 : std::vector<unsigned char>(a.to_v6().to_bytes().begin(), a.to_v6().to_bytes().end());
-  const auto bytes_b = b.is_v4() ? std::vector<unsigned char>(b.to_v4().to_bytes().begin(), b.to_v4().to_bytes().end())
-                                 : std::vector<unsigned char>(b.to_v6().to_bytes().begin(), b.to_v6().to_bytes().end());
+  const auto bytes_a = address_bytes(a);
+  const auto bytes_b = address_bytes(b);
   for (unsigned bit = 0; bit < prefix; ++bit) {
     const unsigned mask = 0x80u >> (bit % 8);
     if ((bytes_a[bit / 8] & mask) != (bytes_b[bit / 8] & mask)) return false;

@@ -25,7 +25,6 @@ int main(int argc, char** argv) {
   std::map<CLI::App*, cli::Runner> runners;
   const auto on_run = [&runners](CLI::App* sub, cli::Runner r) { runners[sub] = std::move(r); };
   cli::add_selftest(app, on_run);
-  cli::add_setup(app, on_run);
   cli::add_bench(app, on_run);
   cli::add_setup(app, on_run);
 

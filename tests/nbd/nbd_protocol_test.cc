@@ -445,6 +445,19 @@ TEST_F(NbdHandshake, ExportNameRepliesSizeAndFlags) {
   EXPECT_EQ(o.size(), sizeof(ExportNameReplyWire) + kExportNameZeroes);
 }
 
+// An old newstyle client (no fixed-newstyle flag) sends only NBD_OPT_EXPORT_NAME.
+TEST_F(NbdHandshake, NonFixedNewstyleClientGetsExportNameWithZeroes) {
+  Handshake old{catalog};
+  ASSERT_EQ(old.on_client_flags(be({{0, 4}})), Handshake::Next::kOption);
+  EXPECT_FALSE(old.no_zeroes());
+  std::vector<std::byte> o;
+  ASSERT_EQ(old.on_option(kOptExportName, text("disk"), o), Handshake::Next::kTransmission);
+  ASSERT_EQ(o.size(), sizeof(ExportNameReplyWire) + kExportNameZeroes);
+  EXPECT_EQ(load<ExportNameReplyWire>(o).size.get(), 1u << 20);
+  EXPECT_EQ(std::vector<std::byte>(o.begin() + sizeof(ExportNameReplyWire), o.end()),
+            std::vector<std::byte>(kExportNameZeroes));
+}
+
 TEST_F(NbdHandshake, ExportNameRefusedCloses) {
   EXPECT_EQ(option(kOptExportName, text("nope")), Handshake::Next::kClose);
   EXPECT_TRUE(out.empty());

@@ -3,6 +3,7 @@
 // real clients installed on the host (nbdinfo, nbdcopy, qemu-img) with content checked by
 // SHA-256 both ways.
 #include <gtest/gtest.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -70,7 +71,7 @@ class NbdServerTest : public ::testing::Test {
  protected:
   void SetUp() override { start({}); }
 
-  void start(std::vector<std::string> allow) {
+  void start(std::vector<std::string> allow, NbdServerOptions opts = {}) {
     dir_ = fs::temp_directory_path() / ("ibdisk-nbd-" + std::to_string(::getpid()) + "-" +
                                         ::testing::UnitTest::GetInstance()->current_test_info()->name());
     fs::remove_all(dir_);
@@ -86,7 +87,7 @@ class NbdServerTest : public ::testing::Test {
     });
     engine_.emplace(io_, target::StorageEngine::Options{});
     server_.emplace(io_, *registry_, *engine_, target::NetworkAllowList(allow),
-                    tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0));
+                    tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0), opts);
     work_.emplace(io_.get_executor());
     thread_ = std::thread([this] { io_.run(); });
   }
@@ -137,8 +138,10 @@ class RawClient {
     return load<Wire>(b);
   }
 
-  // true when the server closed the connection (read sees EOF or a reset).
+  // true when the server closed the connection (read sees EOF or a reset) within 10 s.
   bool closed_by_server() {
+    pollfd p{socket_.native_handle(), POLLIN, 0};
+    if (::poll(&p, 1, 10000) != 1) return false;
     std::byte b;
     boost::system::error_code ec;
     boost::asio::read(socket_, boost::asio::buffer(&b, 1), ec);
@@ -525,6 +528,46 @@ class NbdServerAclTest : public NbdServerTest {
 TEST_F(NbdServerAclTest, DisallowedPeerIsRefused) {
   RawClient c(port());
   EXPECT_TRUE(c.closed_by_server());
+}
+
+// stop() closes open connections and the listener.
+TEST_F(NbdServerTest, StopClosesConnectionsAndTheListener) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("iso").type, kRepAck);
+  server_->stop();
+  EXPECT_TRUE(c.closed_by_server());
+  boost::asio::io_context io;
+  tcp::socket s(io);
+  boost::system::error_code ec;
+  for (int i = 0; i < 100 && !ec; ++i) {  // the listener closes on the io thread
+    s.close();
+    s.connect({boost::asio::ip::make_address("127.0.0.1"), port()}, ec);
+    if (!ec) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(ec, boost::asio::error::connection_refused);
+}
+
+class NbdServerTimeoutTest : public NbdServerTest {
+ protected:
+  void SetUp() override {
+    NbdServerOptions o;
+    o.handshake_timeout_s = 1;
+    start({}, o);
+  }
+};
+
+// A client that stalls in the handshake is dropped; one in transmission is not.
+TEST_F(NbdServerTimeoutTest, StalledHandshakeIsDropped) {
+  RawClient working(port());
+  ASSERT_EQ(working.go("iso").type, kRepAck);
+  RawClient stalled(port());
+  stalled.recv(sizeof(GreetingWire));
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_TRUE(stalled.closed_by_server());
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  working.request(kCmdRead, 1, 0, 512);
+  EXPECT_EQ(working.simple().first, 0u);
+  EXPECT_EQ(working.recv(512), std::vector<std::byte>(iso_.begin(), iso_.begin() + 512));
 }
 
 // --- real clients ---------------------------------------------------------------------------

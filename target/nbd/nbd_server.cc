@@ -266,8 +266,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
     const Handshake::Next next = handshake_.on_option(option_, option_data_, out_);
     if (const std::uint32_t err = handshake_.last_error()) {
       const bool refusal = err == kRepErrPolicy || err == kRepErrUnknown;
-      log_->log(refusal ? spdlog::level::warn : spdlog::level::debug, "{}: option {} refused: {}", peer_, option_,
-                handshake_.reason());
+      log_->log(refusal ? spdlog::level::warn : spdlog::level::debug, "{}: option {} ({}) refused: {}", peer_,
+                option_name(option_), option_, handshake_.reason());
     }
     if (next == Handshake::Next::kClose && out_.empty()) {
       close(spdlog::level::warn, handshake_.reason());
@@ -345,7 +345,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
     if (v.error != 0) {
       s->error = v.error;
       s->message = v.message;
-      log_->debug("{}: request type {} offset {} length {} refused: {}", peer_, r.type, r.offset, r.length, v.message);
+      log_->debug("{}: {} ({}) offset {} length {} refused: {}", peer_, command_name(r.type), r.type, r.offset,
+                  r.length, v.message);
       if (payload > 0) return discard_payload(s, payload);
       finish(s);
       return read_request();
@@ -424,8 +425,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
     if (result < 0) {
       s->error = wire_error_from_errno(result);
       s->message = strerrordesc_np(-result);
-      self->log_->warn("{}: storage {} at offset {} length {} on '{}' failed: {}", self->peer_,
-                       static_cast<int>(io->op), io->offset, io->length, self->file_->path, s->message);
+      self->log_->warn("{}: {} at offset {} length {} on '{}' failed: {}", self->peer_, command_name(s->req.type),
+                       io->offset, io->length, self->file_->path, s->message);
     } else if (s->req.type == kCmdRead && static_cast<std::uint32_t>(result) != s->req.length) {
       s->error = kEio;
       s->message = "the storage returned fewer bytes than requested";

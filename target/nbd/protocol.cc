@@ -15,6 +15,36 @@ const char* to_string(Parse p) {
   return "unknown parse result";
 }
 
+const char* option_name(std::uint32_t option) {
+  switch (option) {
+    case kOptExportName: return "NBD_OPT_EXPORT_NAME";
+    case kOptAbort: return "NBD_OPT_ABORT";
+    case kOptList: return "NBD_OPT_LIST";
+    case kOptStartTls: return "NBD_OPT_STARTTLS";
+    case kOptInfo: return "NBD_OPT_INFO";
+    case kOptGo: return "NBD_OPT_GO";
+    case kOptStructuredReply: return "NBD_OPT_STRUCTURED_REPLY";
+    case kOptListMetaContext: return "NBD_OPT_LIST_META_CONTEXT";
+    case kOptSetMetaContext: return "NBD_OPT_SET_META_CONTEXT";
+    case kOptExtendedHeaders: return "NBD_OPT_EXTENDED_HEADERS";
+  }
+  return "unknown";
+}
+
+const char* command_name(std::uint16_t type) {
+  switch (type) {
+    case kCmdRead: return "NBD_CMD_READ";
+    case kCmdWrite: return "NBD_CMD_WRITE";
+    case kCmdDisc: return "NBD_CMD_DISC";
+    case kCmdFlush: return "NBD_CMD_FLUSH";
+    case kCmdTrim: return "NBD_CMD_TRIM";
+    case kCmdCache: return "NBD_CMD_CACHE";
+    case kCmdWriteZeroes: return "NBD_CMD_WRITE_ZEROES";
+    case kCmdBlockStatus: return "NBD_CMD_BLOCK_STATUS";
+  }
+  return "unknown";
+}
+
 Parse parse_client_flags(std::span<const std::byte> bytes, std::uint32_t* flags) {
   if (bytes.size() < 4) return Parse::kTruncated;
   *flags = load<Be32>(bytes).get();

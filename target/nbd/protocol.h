@@ -246,6 +246,9 @@ enum class Parse {
   kInvalid,    // well framed but not allowed (unknown client flags, bad option data)
 };
 const char* to_string(Parse p);
+// "NBD_OPT_GO", "NBD_CMD_WRITE", ...: for log lines; "unknown" otherwise.
+const char* option_name(std::uint32_t option);
+const char* command_name(std::uint16_t type);
 
 // Client flags (4 bytes after the greeting). kInvalid: bits this server did not offer.
 Parse parse_client_flags(std::span<const std::byte> bytes, std::uint32_t* flags);

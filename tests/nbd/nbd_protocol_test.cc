@@ -273,6 +273,13 @@ TEST(NbdCheck, TrimOnlyWhenTheBackingSupportsIt) {
   EXPECT_EQ(check_request(req(kCmdWriteZeroes, 0, 512), x).error, 0u);
 }
 
+TEST(NbdWire, NamesForLogs) {
+  EXPECT_STREQ(option_name(kOptGo), "NBD_OPT_GO");
+  EXPECT_STREQ(option_name(12345), "unknown");
+  EXPECT_STREQ(command_name(kCmdWriteZeroes), "NBD_CMD_WRITE_ZEROES");
+  EXPECT_STREQ(command_name(99), "unknown");
+}
+
 TEST(NbdCheck, ErrnoMapsToProtocolErrors) {
   EXPECT_EQ(wire_error_from_errno(-EROFS), kEperm);
   EXPECT_EQ(wire_error_from_errno(-EIO), kEio);

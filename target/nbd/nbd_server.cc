@@ -81,8 +81,8 @@ class RegistryCatalog final : public ExportCatalog {
     return true;
   }
   static std::string busy_message(const std::string& name) {
-    // Short: nbd-client shows only the first 128 bytes.
-    return "export '" + name + "' already has a writer (exclusive); disconnect it or serve the export ,shared or ,ro";
+    // Short: nbd-client shows only the first 95 bytes.
+    return "export '" + name + "' already has a writer (exclusive; serve it ,shared or ,ro for more clients)";
   }
 
   target::ExportRegistry& registry_;

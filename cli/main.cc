@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
                "ibdisk"};
   app.set_version_flag("-V,--version", std::string("ibdisk ") + kVersion);
   app.require_subcommand(1);
+  app.set_config("--config", "", "read options from this TOML/INI file (sections named after subcommands)");
   app.footer("Run `ibdisk SUBCOMMAND --help` for the options of one subcommand.");
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
@@ -24,6 +25,8 @@ int main(int argc, char** argv) {
 
   std::map<CLI::App*, cli::Runner> runners;
   const auto on_run = [&runners](CLI::App* sub, cli::Runner r) { runners[sub] = std::move(r); };
+  cli::add_serve(app, on_run);
+  cli::add_client_commands(app, on_run);
   cli::add_selftest(app, on_run);
   cli::add_bench(app, on_run);
   cli::add_setup(app, on_run);

@@ -139,14 +139,14 @@ class TcpServerConnection final : public ServerConnection,
       f.data_len = data_len;
       f.release = slot;
     } else if (slot) {
-      free_.push_back(slot);
+      slot_freed(slot);
     }
     push(std::move(f));
   }
 
   void close() override {
     closing_ = true;
-    if (writer_.idle()) shutdown();
+    if (writer_.idle()) fail("closed by the target");
   }
 
  private:
@@ -158,12 +158,12 @@ class TcpServerConnection final : public ServerConnection,
     auto self = shared_from_this();
     writer_.push(std::move(f), [self](const error_code& ec, std::deque<OutFrame>& sent) {
       for (auto& s : sent) {
-        if (s.release) self->free_.push_back(s.release);
+        if (s.release) self->slot_freed(s.release);
       }
       if (ec) {
         self->fail("sending: " + ec.message());
       } else if (self->closing_ && self->writer_.idle()) {
-        self->shutdown();
+        self->fail("closed by the target");
       }
     });
   }
@@ -234,6 +234,16 @@ class TcpServerConnection final : public ServerConnection,
     }
   }
 
+  // A read's slot frees when its data has been sent; a command that arrived just before that
+  // (the initiator saw the completion first) waits for it, with reading paused.
+  void slot_freed(Slot* slot) {
+    free_.push_back(slot);
+    if (parked_ && !dead_) {
+      parked_ = false;
+      start_command(parked_cmd_);
+    }
+  }
+
   void on_capsule(const wire::FrameHeader& h) {
     wire::Command cmd;
     if (const auto e = wire::decode(cap_, &cmd); e != wire::DecodeError::kNone) {
@@ -242,11 +252,22 @@ class TcpServerConnection final : public ServerConnection,
     const bool write = cmd.opcode == wire::Opcode::kWrite;
     const std::uint32_t payload = h.length - static_cast<std::uint32_t>(wire::kCommandSize);
     if (payload != (write ? cmd.length : 0u)) return violation("frame length does not match the command");
-    Slot* slot = nullptr;
     if (cmd.opcode == wire::Opcode::kRead || write) {
       if (slots_.empty()) return violation("data command before the queue was granted");
       if (cmd.length > slots_.front().capacity) return violation("command longer than the granted I/O size");
-      if (free_.empty()) return violation("more commands in flight than the granted queue depth");
+      if (free_.empty()) {
+        parked_ = true;
+        parked_cmd_ = cmd;
+        return;
+      }
+    }
+    start_command(cmd);
+  }
+
+  void start_command(const wire::Command& cmd) {
+    const bool write = cmd.opcode == wire::Opcode::kWrite;
+    Slot* slot = nullptr;
+    if (cmd.opcode == wire::Opcode::kRead || write) {
       slot = free_.back();
       free_.pop_back();
     }
@@ -278,6 +299,8 @@ class TcpServerConnection final : public ServerConnection,
   std::vector<char> ctrl_;
   bool closing_ = false;
   bool dead_ = false;
+  bool parked_ = false;
+  wire::Command parked_cmd_;
 };
 
 // ---------------------------------------------------------------------------------------------

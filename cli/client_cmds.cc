@@ -1,0 +1,320 @@
+// Initiator-side commands: ls, info, stats, copy, keygen.
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include <openssl/evp.h>
+
+#include "cli/commands.h"
+#include "cli/format.h"
+#include "common/auth.h"
+#include "common/checksum.h"
+#include "common/error.h"
+#include "initiator/client.h"
+#include "initiator/copy.h"
+
+namespace ibdisk::cli {
+namespace {
+
+using initiator::Client;
+using initiator::ClientOptions;
+
+struct Common {
+  std::string key_file;
+  double timeout_s = 10;
+  bool json = false;
+};
+
+void add_common(CLI::App* sub, Common& c, bool json) {
+  sub->add_option("-k,--key-file", c.key_file, "the target's pre-shared key (a copy of its --key-file)");
+  sub->add_option("--timeout", c.timeout_s, "seconds to wait for the target")->capture_default_str()->check(CLI::PositiveNumber);
+  if (json) sub->add_flag("--json", c.json, "print JSON instead of a table");
+}
+
+ClientOptions options_for(const std::string& host, std::uint16_t port, const Common& c) {
+  ClientOptions o;
+  o.host = host;
+  o.port = port;
+  o.key_file = c.key_file;
+  o.timeout = std::chrono::milliseconds(static_cast<long>(c.timeout_s * 1000));
+  char name[256] = {};
+  ::gethostname(name, sizeof name - 1);
+  o.client_name = name;
+  return o;
+}
+
+std::string flags_of(const proto::ExportInfo& e) {
+  std::string f = e.read_only() ? "ro" : "rw";
+  f += e.shared() ? ",shared" : ",exclusive";
+  if (e.trim()) f += ",trim";
+  return f;
+}
+
+void print_export_json(const proto::ExportInfo& e) {
+  std::printf("{\"name\": %s, \"size\": %llu, \"block_size\": %u, \"read_only\": %s, \"shared\": %s, \"trim\": %s, "
+              "\"readers\": %u, \"writers\": %u}",
+              json_escape(e.name()).c_str(), static_cast<unsigned long long>(e.size()), e.block_size(),
+              e.read_only() ? "true" : "false", e.shared() ? "true" : "false", e.trim() ? "true" : "false", e.readers(),
+              e.writers());
+}
+
+struct HostArgs {
+  std::string target;
+  Common c;
+};
+
+int run_ls(HostArgs& a) {
+  std::string host;
+  std::uint16_t port = initiator::kDefaultPort;
+  initiator::parse_host_port(a.target, &host, &port);
+  auto client = Client::connect(options_for(host, port, a.c));
+  const auto exports = client->list_exports();
+  if (a.c.json) {
+    std::printf("{\"target\": %s, \"transport\": %s, \"exports\": [", json_escape(host + ":" + std::to_string(port)).c_str(),
+                json_escape(client->transport(0)).c_str());
+    for (std::size_t i = 0; i < exports.size(); ++i) {
+      if (i) std::printf(", ");
+      print_export_json(exports[i]);
+    }
+    std::printf("]}\n");
+    return 0;
+  }
+  std::printf("target %s:%u, transport %s\n", host.c_str(), port, client->transport(0).c_str());
+  std::printf("%-20s %12s %6s  %-22s %s\n", "EXPORT", "SIZE", "BLOCK", "FLAGS", "OPEN (readers/writers)");
+  for (const auto& e : exports) {
+    std::printf("%-20s %12s %6u  %-22s %u/%u\n", e.name().c_str(), human_bytes(e.size()).c_str(), e.block_size(),
+                flags_of(e).c_str(), e.readers(), e.writers());
+  }
+  if (exports.empty()) std::printf("(no exports)\n");
+  return 0;
+}
+
+int run_info(HostArgs& a) {
+  initiator::RemoteName r;
+  if (!initiator::parse_remote(a.target, &r)) {
+    throw std::invalid_argument("'" + a.target + "': expected HOST[:PORT]/EXPORT");
+  }
+  auto client = Client::connect(options_for(r.host, r.port, a.c));
+  for (const auto& e : client->list_exports()) {
+    if (e.name() != r.export_name) continue;
+    if (a.c.json) {
+      print_export_json(e);
+      std::printf("\n");
+      return 0;
+    }
+    std::printf("export:      %s\ntarget:      %s:%u\ntransport:   %s\nsize:        %s (%llu bytes)\nblock size:  %u\n"
+                "access:      %s\nwriters:     %s\ntrim:        %s\nopen now:    %u reader(s), %u writer(s)\n",
+                e.name().c_str(), r.host.c_str(), r.port, client->transport(0).c_str(), human_bytes(e.size()).c_str(),
+                static_cast<unsigned long long>(e.size()), e.block_size(), e.read_only() ? "read-only" : "read-write",
+                e.shared() ? "shared" : "exclusive (one at a time)", e.trim() ? "yes" : "no", e.readers(), e.writers());
+    return 0;
+  }
+  std::string names;
+  for (const auto& e : client->list_exports()) names += (names.empty() ? "" : ", ") + e.name();
+  throw SystemError("info " + a.target, "no export named '" + r.export_name + "'",
+                    "this target exports: " + (names.empty() ? std::string("nothing") : names));
+}
+
+int run_stats(HostArgs& a) {
+  std::string host;
+  std::uint16_t port = initiator::kDefaultPort;
+  initiator::parse_host_port(a.target, &host, &port);
+  auto client = Client::connect(options_for(host, port, a.c));
+  const proto::Stats s = client->stats();
+  if (a.c.json) {
+    std::printf("{\"uptime_seconds\": %llu, \"rejected_connections\": %llu, \"protocol_errors\": %llu, \"sessions\": [",
+                static_cast<unsigned long long>(s.uptime_seconds()), static_cast<unsigned long long>(s.rejected_connections()),
+                static_cast<unsigned long long>(s.protocol_errors()));
+    for (int i = 0; i < s.sessions_size(); ++i) {
+      const auto& x = s.sessions(i);
+      std::string transports, exports;
+      for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ", ") + json_escape(t);
+      for (const auto& e : x.exports()) exports += (exports.empty() ? "" : ", ") + json_escape(e);
+      std::printf("%s{\"id\": \"%016llx\", \"client\": %s, \"name\": %s, \"transports\": [%s], \"exports\": [%s], "
+                  "\"reads\": %llu, \"writes\": %llu, \"bytes_read\": %llu, \"bytes_written\": %llu, \"errors\": %llu}",
+                  i ? ", " : "", static_cast<unsigned long long>(x.session_id()), json_escape(x.client()).c_str(),
+                  json_escape(x.client_name()).c_str(), transports.c_str(), exports.c_str(),
+                  static_cast<unsigned long long>(x.reads()), static_cast<unsigned long long>(x.writes()),
+                  static_cast<unsigned long long>(x.bytes_read()), static_cast<unsigned long long>(x.bytes_written()),
+                  static_cast<unsigned long long>(x.errors()));
+    }
+    std::printf("]}\n");
+    return 0;
+  }
+  std::printf("target %s:%u: up %llus, %d session(s), %llu rejected connection(s), %llu protocol error(s)\n", host.c_str(),
+              port, static_cast<unsigned long long>(s.uptime_seconds()), s.sessions_size(),
+              static_cast<unsigned long long>(s.rejected_connections()), static_cast<unsigned long long>(s.protocol_errors()));
+  std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6s\n", "SESSION", "CLIENT", "NAME", "TRANSPORTS", "EXPORTS", "READ",
+              "WRITTEN", "ERRORS");
+  for (const auto& x : s.sessions()) {
+    std::string transports, exports;
+    for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ",") + t;
+    for (const auto& e : x.exports()) exports += (exports.empty() ? "" : ",") + e;
+    std::printf("%016llx %-22s %-12s %-14s %-16s %10s %10s %6llu\n", static_cast<unsigned long long>(x.session_id()),
+                x.client().c_str(), x.client_name().c_str(), transports.c_str(), exports.empty() ? "-" : exports.c_str(),
+                human_bytes(x.bytes_read()).c_str(), human_bytes(x.bytes_written()).c_str(),
+                static_cast<unsigned long long>(x.errors()));
+  }
+  return 0;
+}
+
+struct CopyArgs {
+  std::string src, dst;
+  Common c;
+  unsigned queues = 4;
+  unsigned depth = 16;
+  std::uint32_t block = 1 << 20;
+  bool verify = false;
+  bool no_progress = false;
+};
+
+std::string local_sha256(int fd, std::uint64_t size) {
+  EVP_MD_CTX* ctx = EVP_MD_CTX_new();
+  EVP_DigestInit_ex(ctx, EVP_sha256(), nullptr);
+  std::vector<char> buf(1 << 20);
+  std::uint64_t off = 0;
+  while (off < size) {
+    const ssize_t n = ::pread(fd, buf.data(), std::min<std::uint64_t>(buf.size(), size - off), static_cast<off_t>(off));
+    if (n <= 0) {
+      EVP_MD_CTX_free(ctx);
+      throw SystemError("verify: reading the local file at offset " + std::to_string(off), n < 0 ? errno : EIO);
+    }
+    EVP_DigestUpdate(ctx, buf.data(), static_cast<std::size_t>(n));
+    off += static_cast<std::uint64_t>(n);
+  }
+  Sha256 d{};
+  unsigned len = 0;
+  EVP_DigestFinal_ex(ctx, d.data(), &len);
+  EVP_MD_CTX_free(ctx);
+  return to_hex(d);
+}
+
+int run_copy(CopyArgs& a) {
+  initiator::RemoteName src_remote, dst_remote;
+  const bool src_is_remote = initiator::parse_remote(a.src, &src_remote) && ::access(a.src.c_str(), F_OK) != 0;
+  const bool dst_is_remote = initiator::parse_remote(a.dst, &dst_remote) && ::access(a.dst.c_str(), F_OK) != 0;
+  if (src_is_remote == dst_is_remote) {
+    throw std::invalid_argument("copy needs one side HOST[:PORT]/EXPORT and the other a local file or device (got '" +
+                                a.src + "' and '" + a.dst + "'); write ibdisk://HOST/EXPORT if a local path looks remote");
+  }
+  const initiator::RemoteName& r = src_is_remote ? src_remote : dst_remote;
+  ClientOptions o = options_for(r.host, r.port, a.c);
+  o.queues = a.queues;
+  o.queue_depth = a.depth;
+  auto client = Client::connect(o);
+  const proto::Opened opened = client->open(r.export_name, /*read_only=*/src_is_remote);
+  const std::uint64_t export_size = opened.info().size();
+
+  initiator::CopyOptions copts;
+  copts.block_size = a.block;
+  Progress progress(src_is_remote ? "download" : "upload", !a.no_progress);
+  copts.progress = [&progress](std::uint64_t done, std::uint64_t total) { progress.update(done, total); };
+
+  initiator::CopyResult result;
+  std::uint64_t size = export_size;
+  int fd = -1;
+  if (src_is_remote) {
+    fd = ::open(a.dst.c_str(), (a.verify ? O_RDWR : O_WRONLY) | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) throw SystemError("opening destination " + a.dst, errno);
+    struct stat st{};
+    ::fstat(fd, &st);
+    const bool regular = S_ISREG(st.st_mode);
+    if (a.verify && !regular && !S_ISBLK(st.st_mode)) {
+      ::close(fd);
+      throw std::invalid_argument("--verify needs a destination that can be read back (" + a.dst + " is not a file or disk)");
+    }
+    result = initiator::download(*client, opened.handle(), size, fd, regular, copts);
+  } else {
+    fd = ::open(a.src.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw SystemError("opening source " + a.src, errno);
+    struct stat st{};
+    ::fstat(fd, &st);
+    size = static_cast<std::uint64_t>(st.st_size);
+    if (S_ISBLK(st.st_mode)) {
+      const off_t end = ::lseek(fd, 0, SEEK_END);
+      size = end > 0 ? static_cast<std::uint64_t>(end) : 0;
+    }
+    if (size > export_size) {
+      ::close(fd);
+      throw SystemError("copy " + a.src + " to " + a.dst,
+                        "the source has " + std::to_string(size) + " bytes, the export only " + std::to_string(export_size),
+                        "use a larger export");
+    }
+    result = initiator::upload(*client, opened.handle(), size, fd, copts);
+  }
+  progress.finish();
+  const double mib_s = result.seconds > 0 ? static_cast<double>(result.bytes) / (1 << 20) / result.seconds : 0;
+  std::printf("copied %s in %.2fs (%.1f MiB/s) over %s, %u queue(s) x depth %u\n", human_bytes(result.bytes).c_str(),
+              result.seconds, mib_s, client->transport(0).c_str(), client->queue_count(), client->queue_depth(0));
+  int rc = 0;
+  if (a.verify) {
+    const std::string remote = initiator::remote_sha256(*client, opened.handle(), size, copts);
+    const std::string local = local_sha256(fd, size);
+    std::printf("verify: export sha256 %s\n        local  sha256 %s\n        %s\n", remote.c_str(), local.c_str(),
+                remote == local ? "match" : "MISMATCH");
+    rc = remote == local ? 0 : 1;
+  }
+  ::close(fd);
+  return rc;
+}
+
+}  // namespace
+
+void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run) {
+  {
+    auto a = std::make_shared<HostArgs>();
+    auto* sub = app.add_subcommand("ls", "List a target's exports: size, block size, flags, who has them open.");
+    sub->add_option("target", a->target, "HOST[:PORT] of an `ibdisk serve` (port 7420 by default)")->required();
+    add_common(sub, a->c, true);
+    on_run(sub, [a] { return run_ls(*a); });
+  }
+  {
+    auto a = std::make_shared<HostArgs>();
+    auto* sub = app.add_subcommand("info", "Show one export in detail.");
+    sub->add_option("export", a->target, "HOST[:PORT]/EXPORT")->required();
+    add_common(sub, a->c, true);
+    on_run(sub, [a] { return run_info(*a); });
+  }
+  {
+    auto a = std::make_shared<HostArgs>();
+    auto* sub = app.add_subcommand("stats", "Show a target's sessions, their transports and I/O counters.");
+    sub->add_option("target", a->target, "HOST[:PORT]")->required();
+    add_common(sub, a->c, true);
+    on_run(sub, [a] { return run_stats(*a); });
+  }
+  {
+    auto a = std::make_shared<CopyArgs>();
+    auto* sub = app.add_subcommand(
+        "copy",
+        "Copy an export to a local file or device, or a local file to an export.\n"
+        "  ibdisk copy 10.30.0.1/vm1 vm1.img        download (the file stays sparse)\n"
+        "  ibdisk copy vm1.img 10.30.0.1/vm1        upload, then flush");
+    sub->add_option("source", a->src, "HOST[:PORT]/EXPORT or a local path")->required();
+    sub->add_option("destination", a->dst, "a local path or HOST[:PORT]/EXPORT")->required();
+    sub->add_option("--queues", a->queues, "connections to use")->capture_default_str()->check(CLI::Range(1u, 64u));
+    sub->add_option("--queue-depth", a->depth, "requests in flight per queue")->capture_default_str()->check(CLI::Range(1u, 256u));
+    sub->add_option("--block-size", a->block, "bytes per request")
+        ->capture_default_str()
+        ->check(CLI::Range(std::uint32_t{4096}, wire::kMaxIoSize));
+    sub->add_flag("--verify", a->verify, "afterwards, compare SHA-256 of both sides");
+    sub->add_flag("--no-progress", a->no_progress, "no progress bar");
+    add_common(sub, a->c, false);
+    on_run(sub, [a] { return run_copy(*a); });
+  }
+  {
+    auto path = std::make_shared<std::string>();
+    auto* sub = app.add_subcommand("keygen", "Write a new random pre-shared key to FILE (mode 0600); copy it to both sides.");
+    sub->add_option("file", *path, "where to write the key")->required();
+    on_run(sub, [path] {
+      write_new_key_file(*path);
+      std::printf("wrote a new key to %s (mode 0600); copy it to the initiators and give --key-file %s on both sides\n",
+                  path->c_str(), path->c_str());
+      return 0;
+    });
+  }
+}
+
+}  // namespace ibdisk::cli

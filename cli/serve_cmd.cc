@@ -1,0 +1,82 @@
+// `ibdisk serve`: export disks and image files.
+#include <csignal>
+#include <cstdio>
+#include <thread>
+
+#include "cli/commands.h"
+#include "cli/format.h"
+#include "common/log.h"
+#include "initiator/client.h"
+#include "target/server.h"
+
+namespace ibdisk::cli {
+namespace {
+
+struct ServeArgs {
+  std::vector<std::string> exports;
+  std::string listen;
+  target::ServerOptions opts;
+};
+
+int run_serve(ServeArgs& a) {
+  for (const auto& spec : a.exports) a.opts.exports.push_back(target::parse_export_spec(spec));
+  if (!a.listen.empty()) {
+    std::uint16_t port = a.opts.port;
+    initiator::parse_host_port(a.listen, &a.opts.listen_address, &port);
+    a.opts.port = port;
+  }
+  // Signals go to a dedicated thread: SIGINT/SIGTERM finish in-flight I/O, then exit.
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+
+  target::Server server(a.opts);
+  std::printf("ibdisk serve: listening on %s (tcp)\n", server.listen_description().c_str());
+  for (const auto& e : server.exports().list()) {
+    std::printf("  export %-16s %10s  %s%s\n", e.name.c_str(), human_bytes(e.size).c_str(), e.read_only ? "read-only" : "read-write",
+                e.shared ? ", shared" : ", exclusive writer");
+  }
+  std::fflush(stdout);
+  std::thread signals([&server, sigs] {
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    if (sig == SIGUSR1) return;
+    logger("target")->info("{} received: finishing in-flight I/O", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    server.stop();
+  });
+  server.run();
+  pthread_kill(signals.native_handle(), SIGTERM);
+  signals.join();
+  std::printf("ibdisk serve: stopped\n");
+  return 0;
+}
+
+}  // namespace
+
+void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run) {
+  auto a = std::make_shared<ServeArgs>();
+  auto* sub = app.add_subcommand(
+      "serve",
+      "Export block devices and image files to initiators (ibdisk protocol over TCP).\n"
+      "Without --key-file the target listens on loopback only, unless --insecure is given.\n"
+      "Options may also come from a file: --config FILE, with a [serve] section, e.g.\n"
+      "  [serve]\n  export = [\"vm1=/dev/nvme0n1\", \"iso=/srv/debian.iso,ro\"]\n  key-file = \"/etc/ibdisk/key\"");
+  sub->add_option("-e,--export", a->exports, "NAME=PATH[,ro][,shared]: export PATH as NAME (repeatable)")
+      ->required()
+      ->type_name("NAME=PATH[,ro][,shared]");
+  sub->add_option("-l,--listen", a->listen,
+                  "ADDR[:PORT] to listen on (default 127.0.0.1 without a key, 0.0.0.0 with one; port 7420)");
+  sub->add_option("--port", a->opts.port, "TCP port")->capture_default_str();
+  sub->add_option("-k,--key-file", a->opts.key_file, "pre-shared key (mode 0600; make one with `ibdisk keygen`)")
+      ->check(CLI::ExistingFile);
+  sub->add_option("--allow", a->opts.allow, "client network allowed to connect, CIDR (repeatable; default any)");
+  sub->add_flag("--insecure", a->opts.insecure, "without a key, listen beyond loopback anyway");
+  sub->add_option("--threads", a->opts.threads, "worker threads (each with its own io_uring)")->capture_default_str();
+  sub->add_option("--buffer-mib", a->opts.buffer_mib, "data buffers per worker, MiB")->capture_default_str();
+  sub->add_option("--name", a->opts.server_name, "name shown to initiators");
+  on_run(sub, [a] { return run_serve(*a); });
+}
+
+}  // namespace ibdisk::cli

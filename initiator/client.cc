@@ -1,0 +1,271 @@
+#include "initiator/client.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <unordered_map>
+
+#include "common/auth.h"
+#include "common/error.h"
+#include "common/log.h"
+#include "transport/tcp/tcp_connection.h"
+
+namespace ibdisk::initiator {
+namespace {
+auto log() {
+  static auto l = ibdisk::logger("initiator");
+  return l;
+}
+}  // namespace
+
+void parse_host_port(const std::string& text, std::string* host, std::uint16_t* port) {
+  std::string h = text, p;
+  if (!text.empty() && text.front() == '[') {
+    const auto close = text.find(']');
+    if (close == std::string::npos) throw std::invalid_argument("'" + text + "': missing ']' after the IPv6 address");
+    h = text.substr(1, close - 1);
+    if (close + 1 < text.size()) {
+      if (text[close + 1] != ':') throw std::invalid_argument("'" + text + "': expected ':PORT' after ']'");
+      p = text.substr(close + 2);
+    }
+  } else if (std::count(text.begin(), text.end(), ':') == 1) {
+    const auto colon = text.find(':');
+    h = text.substr(0, colon);
+    p = text.substr(colon + 1);
+  }
+  if (h.empty()) throw std::invalid_argument("'" + text + "': the host is empty");
+  if (!p.empty()) {
+    if (p.size() > 5 || p.find_first_not_of("0123456789") != std::string::npos || std::stoul(p) == 0 ||
+        std::stoul(p) > 65535) {
+      throw std::invalid_argument("'" + text + "': port must be 1 to 65535");
+    }
+    *port = static_cast<std::uint16_t>(std::stoul(p));
+  }
+  *host = h;
+}
+
+bool parse_remote(const std::string& text, RemoteName* out) {
+  std::string t = text;
+  const std::string scheme = "ibdisk://";
+  const bool explicit_scheme = t.rfind(scheme, 0) == 0;
+  if (explicit_scheme) t = t.substr(scheme.size());
+  else if (t.empty() || t.front() == '/' || t.front() == '.') return false;
+  const auto slash = t.find('/');
+  if (slash == std::string::npos || slash == 0 || slash + 1 == t.size() || t.find('/', slash + 1) != std::string::npos) {
+    return false;
+  }
+  RemoteName r;
+  try {
+    parse_host_port(t.substr(0, slash), &r.host, &r.port);
+  } catch (const std::invalid_argument&) {
+    if (explicit_scheme) throw;
+    return false;
+  }
+  r.export_name = t.substr(slash + 1);
+  *out = r;
+  return true;
+}
+
+void throw_if_error(const proto::Control& reply, const std::string& what) {
+  if (reply.has_error()) {
+    throw SystemError(what, reply.error().message(), "", 0);
+  }
+}
+
+struct Client::Queue {
+  std::unique_ptr<transport::ClientConnection> conn;
+  unsigned depth = 0;
+  unsigned inflight = 0;
+  std::uint64_t next_tag = 1;
+  struct Pending {
+    wire::Command cmd;
+    std::byte* buf;
+    Callback cb;
+  };
+  std::unordered_map<std::uint64_t, Callback> callbacks;
+  std::deque<Pending> backlog;
+};
+
+std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
+  if (opts.queues == 0 || opts.queues > 64) throw std::invalid_argument("--queues must be 1 to 64");
+  std::unique_ptr<Client> c(new Client());
+  c->opts_ = opts;
+  const std::string key = opts.key_file.empty() ? std::string() : load_key_file(opts.key_file);
+  const std::string where = opts.host + ":" + std::to_string(opts.port);
+  for (unsigned i = 0; i < opts.queues; ++i) {
+    auto q = std::make_unique<Queue>();
+    q->conn = transport::tcp_connect(c->io_, opts.host, opts.port, opts.timeout);
+    const std::string client_nonce = random_bytes(32);
+    proto::Control hello;
+    auto* h = hello.mutable_hello();
+    h->set_min_version(wire::kProtocolVersion);
+    h->set_max_version(wire::kProtocolVersion);
+    h->add_transports("tcp");
+    h->set_queue_depth(opts.queue_depth);
+    h->set_max_io_size(opts.max_io);
+    h->set_client_name(opts.client_name);
+    h->set_join_session(c->session_id_);
+    h->set_client_nonce(client_nonce);
+    const proto::Control challenge = q->conn->call(hello);
+    throw_if_error(challenge, "connecting to " + where);
+    if (!challenge.has_challenge()) throw SystemError("connecting to " + where, std::string("no Challenge from the target"));
+    if (challenge.challenge().auth_required() && key.empty()) {
+      throw SystemError("connecting to " + where, std::string("the target requires a key"),
+                        "give --key-file with a copy of the target's key file");
+    }
+    proto::Control auth;
+    if (!key.empty()) auth.mutable_auth()->set_mac(client_mac(key, challenge.challenge().server_nonce(), client_nonce));
+    else auth.mutable_auth();
+    const proto::Control welcome = q->conn->call(auth);
+    throw_if_error(welcome, "connecting to " + where);
+    if (!welcome.has_welcome()) throw SystemError("connecting to " + where, std::string("no Welcome from the target"));
+    const auto& w = welcome.welcome();
+    if (!key.empty() && !constant_time_equal(w.server_mac(), server_mac(key, challenge.challenge().server_nonce(), client_nonce))) {
+      throw SystemError("connecting to " + where, std::string("the target could not prove it holds the key"),
+                        "is this the right host? check the key files on both sides");
+    }
+    q->depth = w.queue_depth();
+    if (q->depth == 0 || w.max_io_size() == 0) throw SystemError("connecting to " + where, std::string("the target granted no queue"));
+    c->session_id_ = w.session_id();
+    c->max_io_ = i == 0 ? w.max_io_size() : std::min(c->max_io_, w.max_io_size());
+    c->queues_.push_back(std::move(q));
+  }
+  log()->debug("session {:016x} with {}: {} queue(s) of depth {}", c->session_id_, where, opts.queues, c->queues_[0]->depth);
+  return c;
+}
+
+Client::~Client() {
+  for (auto& q : queues_) q->conn->close();
+}
+
+std::vector<proto::ExportInfo> Client::list_exports() {
+  proto::Control req;
+  req.mutable_list_exports();
+  const auto reply = queues_.at(0)->conn->call(req);
+  throw_if_error(reply, "listing exports");
+  return {reply.export_list().exports().begin(), reply.export_list().exports().end()};
+}
+
+proto::Stats Client::stats() {
+  proto::Control req;
+  req.mutable_get_stats();
+  const auto reply = queues_.at(0)->conn->call(req);
+  throw_if_error(reply, "reading stats");
+  return reply.stats();
+}
+
+proto::Opened Client::open(const std::string& name, bool read_only) {
+  proto::Control req;
+  req.mutable_open()->set_name(name);
+  req.mutable_open()->set_read_only(read_only);
+  const auto reply = queues_.at(0)->conn->call(req);
+  throw_if_error(reply, "opening export '" + name + "'");
+  if (!reply.has_opened()) throw SystemError("opening export '" + name + "'", std::string("no Opened reply"));
+  return reply.opened();
+}
+
+unsigned Client::queue_count() const { return static_cast<unsigned>(queues_.size()); }
+unsigned Client::queue_depth(unsigned q) const { return queues_.at(q)->depth; }
+std::uint32_t Client::max_io() const { return max_io_; }
+std::string Client::transport(unsigned q) const { return queues_.at(q)->conn->transport_name(); }
+std::uint64_t Client::session_id() const { return session_id_; }
+
+unsigned Client::in_flight() const {
+  unsigned n = 0;
+  for (const auto& q : queues_) n += q->inflight + static_cast<unsigned>(q->backlog.size());
+  return n;
+}
+
+void Client::ensure_started() {
+  if (started_) return;
+  started_ = true;
+  for (std::size_t i = 0; i < queues_.size(); ++i) {
+    Queue* q = queues_[i].get();
+    q->conn->start(
+        [this, q](const wire::Completion& c) {
+          const auto it = q->callbacks.find(c.tag);
+          if (it == q->callbacks.end()) return;
+          Callback cb = std::move(it->second);
+          q->callbacks.erase(it);
+          --q->inflight;
+          dispatch(*q);
+          cb(c.status);
+        },
+        [this, i](const std::string& reason) {
+          if (lost_.empty()) lost_ = "queue " + std::to_string(i) + " to " + opts_.host + ": " + reason;
+        });
+  }
+}
+
+void Client::submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callback cb) {
+  ensure_started();
+  Queue& queue = *queues_.at(q % queues_.size());
+  wire::Command c = cmd;
+  c.tag = queue.next_tag++;
+  queue.backlog.push_back({c, buf, std::move(cb)});
+  dispatch(queue);
+}
+
+void Client::dispatch(Queue& queue) {
+  while (queue.inflight < queue.depth && !queue.backlog.empty()) {
+    Queue::Pending p = std::move(queue.backlog.front());
+    queue.backlog.pop_front();
+    const int rc = queue.conn->submit(p.cmd, p.buf);
+    if (rc != 0) {
+      p.cb(rc);
+      continue;
+    }
+    ++queue.inflight;
+    queue.callbacks.emplace(p.cmd.tag, std::move(p.cb));
+  }
+}
+
+namespace {
+wire::Command make(wire::Opcode op, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::uint32_t flags) {
+  wire::Command c;
+  c.opcode = op;
+  c.handle = handle;
+  c.offset = offset;
+  c.length = length;
+  c.flags = static_cast<std::uint8_t>(flags);
+  return c;
+}
+}  // namespace
+
+void Client::read(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::byte* buf,
+                  Callback cb) {
+  if (length == 0 || length > max_io_) return cb(-EINVAL);
+  submit(q, make(wire::Opcode::kRead, handle, offset, length, 0), buf, std::move(cb));
+}
+
+void Client::write(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, const std::byte* buf,
+                   std::uint32_t flags, Callback cb) {
+  if (length == 0 || length > max_io_) return cb(-EINVAL);
+  submit(q, make(wire::Opcode::kWrite, handle, offset, length, flags), const_cast<std::byte*>(buf), std::move(cb));
+}
+
+void Client::flush(unsigned q, std::uint32_t handle, Callback cb) {
+  submit(q, make(wire::Opcode::kFlush, handle, 0, 0, 0), nullptr, std::move(cb));
+}
+
+void Client::trim(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, Callback cb) {
+  if (length == 0) return cb(-EINVAL);
+  submit(q, make(wire::Opcode::kTrim, handle, offset, length, 0), nullptr, std::move(cb));
+}
+
+void Client::write_zeroes(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length,
+                          std::uint32_t flags, Callback cb) {
+  if (length == 0) return cb(-EINVAL);
+  submit(q, make(wire::Opcode::kWriteZeroes, handle, offset, length, flags), nullptr, std::move(cb));
+}
+
+void Client::run_until(const std::function<bool()>& done) {
+  ensure_started();
+  while (!done()) {
+    if (!lost_.empty()) throw SystemError("I/O", lost_, "check the target's log; the session was lost");
+    io_.restart();
+    io_.run_one_for(std::chrono::milliseconds(500));
+  }
+  if (!lost_.empty() && in_flight() > 0) throw SystemError("I/O", lost_, "check the target's log; the session was lost");
+}
+
+}  // namespace ibdisk::initiator

@@ -1,0 +1,101 @@
+#pragma once
+// The initiator's client library: one session with a target, made of several queues (one
+// connection each), with an asynchronous API: read, write, flush, trim and write-zeroes take a
+// completion callback; many requests may be in flight per queue (more than the granted queue
+// depth wait in the queue's backlog).
+//
+// Threads: a Client and its callbacks belong to the thread that calls run_until(); every
+// method is called from that thread.
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "proto/ibdisk.pb.h"
+#include "proto/wire.h"
+#include "transport/connection.h"
+#include "transport/tcp/asio.h"
+
+namespace ibdisk::initiator {
+
+inline constexpr std::uint16_t kDefaultPort = 7420;
+
+struct ClientOptions {
+  std::string host;
+  std::uint16_t port = kDefaultPort;
+  std::string key_file;     // empty: no key
+  unsigned queues = 1;
+  unsigned queue_depth = 32;
+  std::uint32_t max_io = wire::kMaxIoSize;
+  std::chrono::milliseconds timeout{10000};
+  std::string client_name;
+};
+
+// "HOST", "HOST:PORT", "[V6]:PORT" into host and port (port unchanged when absent).
+// Throws std::invalid_argument naming the bad part.
+void parse_host_port(const std::string& text, std::string* host, std::uint16_t* port);
+
+// "HOST[:PORT]/EXPORT" or "ibdisk://HOST[:PORT]/EXPORT".
+struct RemoteName {
+  std::string host;
+  std::uint16_t port = kDefaultPort;
+  std::string export_name;
+};
+bool parse_remote(const std::string& text, RemoteName* out);
+
+using Callback = std::function<void(int status)>;  // 0 or -errno
+
+class Client {
+ public:
+  // Connects every queue and authenticates. Throws SystemError with the target's own
+  // explanation when it refuses (wrong key, not allowed, version).
+  static std::unique_ptr<Client> connect(const ClientOptions& opts);
+  ~Client();
+
+  std::vector<proto::ExportInfo> list_exports();
+  proto::Stats stats();
+  // Opens an export for this session; the handle goes into I/O calls. Throws SystemError on
+  // refusal (unknown export, read-only, busy), with the target's message.
+  proto::Opened open(const std::string& name, bool read_only);
+
+  unsigned queue_count() const;
+  unsigned queue_depth(unsigned q) const;
+  std::uint32_t max_io() const;
+  std::string transport(unsigned q) const;
+  std::uint64_t session_id() const;
+
+  void read(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::byte* buf, Callback cb);
+  void write(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, const std::byte* buf,
+             std::uint32_t flags, Callback cb);
+  void flush(unsigned q, std::uint32_t handle, Callback cb);
+  void trim(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, Callback cb);
+  void write_zeroes(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::uint32_t flags,
+                    Callback cb);
+
+  // Runs completions until done() holds. Throws SystemError when a queue is lost.
+  void run_until(const std::function<bool()>& done);
+  unsigned in_flight() const;
+
+ private:
+  Client() = default;
+  struct Queue;
+  void submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callback cb);
+  void dispatch(Queue& queue);
+  void ensure_started();
+
+  boost::asio::io_context io_;
+  ClientOptions opts_;
+  std::vector<std::unique_ptr<Queue>> queues_;
+  std::uint64_t session_id_ = 0;
+  std::uint32_t max_io_ = 0;
+  bool started_ = false;
+  std::string lost_;  // why a queue was lost, once it was
+};
+
+// Turns a control reply that carries an Error into a SystemError naming `what`.
+void throw_if_error(const proto::Control& reply, const std::string& what);
+
+}  // namespace ibdisk::initiator

@@ -1,0 +1,61 @@
+#pragma once
+// The ibdisk target: worker threads (each an io_context with its own io_uring storage
+// engine and buffer pool, shared nothing), sessions made of one or more queues
+// (connections), authentication, and the export rules.
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "target/acl.h"
+#include "target/exports.h"
+#include "target/storage.h"
+#include "transport/tcp/asio.h"
+
+namespace ibdisk::target {
+
+inline constexpr std::uint16_t kDefaultPort = 7420;
+
+struct ServerOptions {
+  std::vector<ExportConfig> exports;
+  std::string listen_address;  // empty: 0.0.0.0 with a key, 127.0.0.1 without
+  std::uint16_t port = kDefaultPort;
+  std::string key_file;        // empty: no authentication
+  bool insecure = false;       // without a key, listen beyond loopback anyway
+  std::vector<std::string> allow;  // client networks (CIDR); empty: any
+  unsigned threads = 2;
+  unsigned buffer_mib = 128;   // data buffers per worker
+  std::string server_name;
+};
+
+class Server {
+ public:
+  // Opens exports, loads the key, binds. Throws SystemError / std::invalid_argument with a
+  // message that names what is wrong and how to fix it.
+  explicit Server(ServerOptions opts);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Serves until stop(); then lets in-flight I/O finish and returns. Any thread.
+  void run();
+  // Stops accepting, completes in-flight I/O, closes every queue. Any thread, signal-safe
+  // when called through an asio::signal_set.
+  void stop();
+
+  std::uint16_t port() const;
+  std::string listen_description() const;
+  ExportRegistry& exports();
+  const NetworkAllowList& allow_list() const;
+  unsigned worker_count() const;
+  boost::asio::io_context& worker_io(unsigned i);
+  StorageEngine& worker_engine(unsigned i);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace ibdisk::target

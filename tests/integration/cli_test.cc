@@ -1,0 +1,121 @@
+// The user commands end to end: `ibdisk serve` from a config file, then ls, info, stats, copy
+// both ways with --verify, and SIGTERM.
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <fstream>
+
+#include "common/checksum.h"
+#include "tests/support/fixtures.h"
+#include "tests/support/process.h"
+
+namespace ibdisk {
+namespace {
+
+using testing::Child;
+using testing::run;
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    img_ = dir_.file("vm1.img");
+    testing::make_sparse_file(img_, 64 << 20);
+    iso_ = dir_.file("iso.img");
+    {
+      std::vector<std::byte> data(3 << 20);
+      fill_pattern(data, 11);
+      std::ofstream(iso_, std::ios::binary).write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+    }
+    port_ = std::to_string(testing::free_port());
+    config_ = dir_.file("ibdisk.toml");
+    std::ofstream(config_) << "[serve]\nexport = [\"vm1=" << img_ << "\", \"iso=" << iso_ << ",ro\"]\nlisten = \"127.0.0.1:"
+                           << port_ << "\"\nthreads = 1\nbuffer-mib = 128\n";
+    target_ = std::make_unique<Child>(std::vector<std::string>{IBDISK_BINARY, "--config", config_, "serve"});
+    ASSERT_TRUE(target_->wait_for_output("listening", 20000)) << target_->wait(1000).output;
+  }
+  std::string remote(const std::string& name) { return "127.0.0.1:" + port_ + "/" + name; }
+
+  testing::TempDir dir_;
+  std::string img_, iso_, port_, config_;
+  std::unique_ptr<Child> target_;
+};
+
+// ls shows both exports with sizes and flags, and the transport.
+TEST_F(Cli, LsAndInfo) {
+  const auto ls = run({IBDISK_BINARY, "ls", "127.0.0.1:" + port_});
+  EXPECT_EQ(ls.exit_code, 0) << ls.output;
+  EXPECT_NE(ls.output.find("transport tcp"), std::string::npos) << ls.output;
+  EXPECT_NE(ls.output.find("vm1"), std::string::npos) << ls.output;
+  EXPECT_NE(ls.output.find("64.0 MiB"), std::string::npos) << ls.output;
+  EXPECT_NE(ls.output.find("ro,exclusive"), std::string::npos) << ls.output;
+  const auto json = run({IBDISK_BINARY, "ls", "127.0.0.1:" + port_, "--json"});
+  EXPECT_NE(json.output.find("\"name\": \"iso\""), std::string::npos) << json.output;
+  EXPECT_NE(json.output.find("\"read_only\": true"), std::string::npos) << json.output;
+  const auto info = run({IBDISK_BINARY, "info", remote("iso")});
+  EXPECT_EQ(info.exit_code, 0) << info.output;
+  EXPECT_NE(info.output.find("read-only"), std::string::npos) << info.output;
+  EXPECT_NE(info.output.find("3145728 bytes"), std::string::npos) << info.output;
+  const auto missing = run({IBDISK_BINARY, "info", remote("nosuch")});
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.output.find("this target exports: iso, vm1"), std::string::npos) << missing.output;
+}
+
+// Upload a file to an export and download it back; --verify compares SHA-256 of both sides.
+TEST_F(Cli, CopyBothWaysVerified) {
+  const auto down = run({IBDISK_BINARY, "copy", remote("iso"), dir_.file("iso.copy"), "--verify", "--no-progress"});
+  EXPECT_EQ(down.exit_code, 0) << down.output;
+  EXPECT_NE(down.output.find("match"), std::string::npos) << down.output;
+  const auto up = run({IBDISK_BINARY, "copy", dir_.file("iso.copy"), remote("vm1"), "--verify", "--no-progress",
+                       "--queues", "2", "--queue-depth", "4", "--block-size", "65536"});
+  EXPECT_EQ(up.exit_code, 0) << up.output;
+  EXPECT_NE(up.output.find("verify"), std::string::npos) << up.output;
+  // The bytes really landed in the exported file.
+  std::ifstream a(iso_, std::ios::binary), b(img_, std::ios::binary);
+  std::vector<char> da(3 << 20), db(3 << 20);
+  a.read(da.data(), static_cast<std::streamsize>(da.size()));
+  b.read(db.data(), static_cast<std::streamsize>(db.size()));
+  EXPECT_EQ(da, db);
+  // Writing to the read-only export is refused with the reason.
+  const auto refused = run({IBDISK_BINARY, "copy", dir_.file("iso.copy"), remote("iso"), "--no-progress"});
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.output.find("read-only"), std::string::npos) << refused.output;
+  // Copy to /dev/null works (no verify possible there).
+  const auto null = run({IBDISK_BINARY, "copy", remote("vm1"), "/dev/null", "--no-progress"});
+  EXPECT_EQ(null.exit_code, 0) << null.output;
+}
+
+// stats lists the sessions of other initiators with their transport and counters.
+TEST_F(Cli, StatsAndSigterm) {
+  ASSERT_EQ(run({IBDISK_BINARY, "copy", remote("vm1"), "/dev/null", "--no-progress"}).exit_code, 0);
+  const auto stats = run({IBDISK_BINARY, "stats", "127.0.0.1:" + port_});
+  EXPECT_EQ(stats.exit_code, 0) << stats.output;
+  EXPECT_NE(stats.output.find("1 session(s)"), std::string::npos) << stats.output;  // the stats session itself
+  EXPECT_NE(stats.output.find("tcp"), std::string::npos) << stats.output;
+  ::kill(target_->pid(), SIGTERM);
+  const auto r = target_->wait(20000);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("SIGTERM received"), std::string::npos) << r.output;
+}
+
+// Usage errors name the problem.
+TEST(CliUsage, ErrorsAreClear) {
+  const auto none = run({IBDISK_BINARY, "serve"});
+  EXPECT_NE(none.exit_code, 0);
+  EXPECT_NE(none.output.find("--export"), std::string::npos) << none.output;
+  const auto bad = run({IBDISK_BINARY, "serve", "--export", "novalue"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("NAME=PATH"), std::string::npos) << bad.output;
+  const auto missing = run({IBDISK_BINARY, "serve", "--export", "x=/nonexistent/disk.img"});
+  EXPECT_NE(missing.exit_code, 0);
+  EXPECT_NE(missing.output.find("/nonexistent/disk.img"), std::string::npos) << missing.output;
+  const auto refused = run({IBDISK_BINARY, "ls", "127.0.0.1:1", "--timeout", "2"});
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.output.find("ibdisk serve"), std::string::npos) << refused.output;
+  const auto both_local = run({IBDISK_BINARY, "copy", "/etc/hostname", "/tmp/x"});
+  EXPECT_NE(both_local.exit_code, 0);
+  EXPECT_NE(both_local.output.find("HOST[:PORT]/EXPORT"), std::string::npos) << both_local.output;
+}
+
+}  // namespace
+}  // namespace ibdisk

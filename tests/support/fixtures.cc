@@ -1,0 +1,46 @@
+#include "tests/support/fixtures.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <random>
+#include <stdexcept>
+
+#include "transport/tcp/asio.h"
+
+namespace ibdisk::testing {
+
+TempDir::TempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string templ = std::string(base && *base ? base : "/tmp") + "/ibdisk-test.XXXXXX";
+  if (!::mkdtemp(templ.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = templ;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+void make_sparse_file(const std::string& path, std::uint64_t size) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) throw std::runtime_error("cannot create " + path);
+  ::close(fd);
+}
+
+std::uint16_t free_port() {
+  boost::asio::io_context io;
+  boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  return a.local_endpoint().port();
+}
+
+ServerThread::ServerThread(target::ServerOptions opts) : server_(std::make_unique<target::Server>(std::move(opts))) {
+  thread_ = std::thread([this] { server_->run(); });
+}
+
+ServerThread::~ServerThread() {
+  server_->stop();
+  thread_.join();
+}
+
+}  // namespace ibdisk::testing

@@ -1,0 +1,45 @@
+#pragma once
+// Shared helpers for tests that run a target: temporary directories, sparse files, free
+// ports, and an in-process server on its own thread.
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "target/server.h"
+
+namespace ibdisk::testing {
+
+// A fresh directory under $TMPDIR, removed with its contents on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::filesystem::path& path() const { return path_; }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
+};
+
+// Creates a sparse file of `size` bytes.
+void make_sparse_file(const std::string& path, std::uint64_t size);
+
+// A TCP port on 127.0.0.1 that was free a moment ago.
+std::uint16_t free_port();
+
+// An ibdisk target running in this process until destroyed.
+class ServerThread {
+ public:
+  explicit ServerThread(target::ServerOptions opts);
+  ~ServerThread();
+  target::Server& server() { return *server_; }
+  std::uint16_t port() const { return server_->port(); }
+
+ private:
+  std::unique_ptr<target::Server> server_;
+  std::thread thread_;
+};
+
+}  // namespace ibdisk::testing

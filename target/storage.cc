@@ -213,12 +213,16 @@ StorageEngine::Impl::Impl(boost::asio::io_context& io, Options opts) : io_(io) {
     throw SystemError("storage engine", "queue depth " + std::to_string(opts.queue_depth) + " is out of range",
                       "use 1 to 32768 (the default is 256)");
   }
+  // SUBMIT_ALL (5.18): one bad SQE must not hold back the rest of a batch. COOP_TASKRUN (5.19):
+  // completions do not interrupt the io thread while it runs; a sleeping thread is still woken.
+  // Older kernels refuse unknown flags with EINVAL, so drop them newest first.
   io_uring_params params{};
-  params.flags = IORING_SETUP_SUBMIT_ALL;  // one bad SQE must not hold back the rest of a batch
-  int ret = io_uring_queue_init_params(opts.queue_depth, &ring_, &params);
-  if (ret == -EINVAL) {  // kernels before 5.18 lack SUBMIT_ALL
+  int ret = -EINVAL;
+  for (const unsigned flags : {IORING_SETUP_SUBMIT_ALL | IORING_SETUP_COOP_TASKRUN, IORING_SETUP_SUBMIT_ALL, 0u}) {
     params = io_uring_params{};
+    params.flags = flags;
     ret = io_uring_queue_init_params(opts.queue_depth, &ring_, &params);
+    if (ret != -EINVAL) break;
   }
   if (ret < 0) {
     const std::string call = "io_uring_queue_init(" + std::to_string(opts.queue_depth) + " entries)";

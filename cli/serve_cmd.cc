@@ -5,8 +5,10 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "common/error.h"
 #include "common/log.h"
 #include "initiator/client.h"
+#include "target/nbd/nbd_server.h"
 #include "target/server.h"
 
 namespace ibdisk::cli {
@@ -16,7 +18,23 @@ struct ServeArgs {
   std::vector<std::string> exports;
   std::string listen;
   target::ServerOptions opts;
+  bool nbd = false;
+  std::uint16_t nbd_port = nbd::kDefaultPort;
 };
+
+// The NBD front end has no authentication of its own: beyond loopback it needs an allow-list
+// (or --insecure), even when ibdisk's own port is protected by a key.
+std::unique_ptr<nbd::NbdServer> start_nbd(ServeArgs& a, target::Server& server) {
+  const std::string listen = server.listen_description();
+  const std::string host = listen.front() == '[' ? listen.substr(1, listen.find(']') - 1) : listen.substr(0, listen.rfind(':'));
+  const auto addr = boost::asio::ip::make_address(host);
+  if (!addr.is_loopback() && a.opts.allow.empty() && !a.opts.insecure) {
+    throw SystemError("NBD front end on " + host, std::string("NBD clients do not authenticate"),
+                      "give --allow CIDR for the hosts that may use NBD, or --insecure on a network you trust");
+  }
+  return std::make_unique<nbd::NbdServer>(server.worker_io(0), server.exports(), server.worker_engine(0),
+                                          server.allow_list(), boost::asio::ip::tcp::endpoint(addr, a.nbd_port));
+}
 
 int run_serve(ServeArgs& a) {
   for (const auto& spec : a.exports) a.opts.exports.push_back(target::parse_export_spec(spec));
@@ -33,17 +51,20 @@ int run_serve(ServeArgs& a) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
 
   target::Server server(a.opts);
+  std::unique_ptr<nbd::NbdServer> nbd_server = a.nbd ? start_nbd(a, server) : nullptr;
   std::printf("ibdisk serve: listening on %s (tcp)\n", server.listen_description().c_str());
+  if (nbd_server) std::printf("ibdisk serve: NBD front end on port %u\n", nbd_server->port());
   for (const auto& e : server.exports().list()) {
     std::printf("  export %-16s %10s  %s%s\n", e.name.c_str(), human_bytes(e.size).c_str(), e.read_only ? "read-only" : "read-write",
                 e.shared ? ", shared" : ", exclusive writer");
   }
   std::fflush(stdout);
-  std::thread signals([&server, sigs] {
+  std::thread signals([&server, &nbd_server, sigs] {
     int sig = 0;
     sigwait(&sigs, &sig);
     if (sig == SIGUSR1) return;
     logger("target")->info("{} received: finishing in-flight I/O", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    if (nbd_server) nbd_server->stop();
     server.stop();
   });
   server.run();
@@ -76,6 +97,8 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_option("--threads", a->opts.threads, "worker threads (each with its own io_uring)")->capture_default_str();
   sub->add_option("--buffer-mib", a->opts.buffer_mib, "data buffers per worker, MiB")->capture_default_str();
   sub->add_option("--name", a->opts.server_name, "name shown to initiators");
+  sub->add_flag("--nbd", a->nbd, "also serve the exports over plain NBD (nbd-client, qemu, nbdcopy; see docs/nbd.md)");
+  sub->add_option("--nbd-port", a->nbd_port, "port of the NBD front end")->capture_default_str();
   on_run(sub, [a] { return run_serve(*a); });
 }
 

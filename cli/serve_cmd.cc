@@ -84,9 +84,11 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
       "Without --key-file the target listens on loopback only, unless --insecure is given.\n"
       "Options may also come from a file: --config FILE, with a [serve] section, e.g.\n"
       "  [serve]\n  export = [\"vm1=/dev/nvme0n1\", \"iso=/srv/debian.iso,ro\"]\n  key-file = \"/etc/ibdisk/key\"");
-  sub->add_option("-e,--export", a->exports, "NAME=PATH[,ro][,shared]: export PATH as NAME (repeatable)")
+  sub->add_option("-e,--export", a->exports, "NAME=PATH[,ro][,shared][,direct|,cached]: export PATH as NAME (repeatable).\n"
+                  "ro: read-only; shared: several writers at once (default one); direct: O_DIRECT I/O\n"
+                  "(default for block devices); cached: through the page cache (default for files)")
       ->required()
-      ->type_name("NAME=PATH[,ro][,shared]");
+      ->type_name("NAME=PATH[,opts]");
   sub->add_option("-l,--listen", a->listen,
                   "ADDR[:PORT] to listen on (default 127.0.0.1 without a key, 0.0.0.0 with one; port 7420)");
   sub->add_option("--port", a->opts.port, "TCP port")->capture_default_str();

@@ -3,6 +3,8 @@
 #include <cctype>
 #include <stdexcept>
 
+#include <unistd.h>
+
 #include "common/error.h"
 
 namespace ibdisk::target {
@@ -10,7 +12,7 @@ namespace ibdisk::target {
 ExportConfig parse_export_spec(const std::string& spec) {
   const auto eq = spec.find('=');
   if (eq == std::string::npos || eq == 0 || eq + 1 == spec.size()) {
-    throw std::invalid_argument("export '" + spec + "': expected NAME=PATH[,ro][,shared]");
+    throw std::invalid_argument("export '" + spec + "': expected NAME=PATH[,ro][,shared][,direct|,cached]");
   }
   ExportConfig c;
   c.name = spec.substr(0, eq);
@@ -28,6 +30,8 @@ ExportConfig parse_export_spec(const std::string& spec) {
     const std::string opt = rest.substr(comma + 1);
     if (opt == "ro") c.read_only = true;
     else if (opt == "shared") c.shared = true;
+    else if (opt == "direct") c.direct = true;
+    else if (opt == "cached") c.direct = false;
     else if (opt == "rw") c.read_only = false;
     else break;
     rest.resize(comma);
@@ -48,6 +52,10 @@ ExportRegistry::ExportRegistry(const std::vector<ExportConfig>& exports) {
     Entry e;
     e.config = c;
     e.file = open_backing(c.path, c.read_only);
+    if (!c.direct.value_or(e.file->block_device) && e.file->direct_fd >= 0) {
+      ::close(e.file->direct_fd);
+      e.file->direct_fd = -1;
+    }
     exports_.emplace(c.name, std::move(e));
   }
 }

@@ -7,6 +7,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,9 +20,12 @@ struct ExportConfig {
   std::string path;
   bool read_only = false;
   bool shared = false;  // allow several writers at once (the user coordinates them)
+  // O_DIRECT for aligned I/O. Unset: direct for block devices, page cache for image files
+  // (as nbdkit and qemu-nbd do; re-reads and readahead then come from memory).
+  std::optional<bool> direct;
 };
 
-// Parses "NAME=PATH[,ro][,shared]" (the --export syntax). Throws std::invalid_argument with
+// Parses "NAME=PATH[,ro][,shared][,direct|,cached]" (the --export syntax). Throws std::invalid_argument with
 // a message naming the bad part and the expected form.
 ExportConfig parse_export_spec(const std::string& spec);
 

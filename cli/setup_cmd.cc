@@ -66,6 +66,7 @@ struct Common {
   std::string network;
   std::string slaves;
   bool no_commands = false;
+  bool run_commands = false;
   bool all = false;
 };
 
@@ -189,11 +190,13 @@ void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& top_
   add_root_option(apply, *common);
   add_plan_options(apply, *common);
   apply->add_flag("--no-commands", common->no_commands, "Write files and kernel settings only; print the commands instead of running them");
+  apply->add_flag("--run-commands", common->run_commands,
+                  "Run the commands although --root is not / (a root whose sys/ and proc/ are the live ones, bind-mounted)");
   on_run(apply, [common] {
     const Root root(common->root);
     const auto p = build_plan(*common, root);
     std::cout << format_plan(root, p);
-    const auto r = apply_plan(root, p, root.is_live() && !common->no_commands);
+    const auto r = apply_plan(root, p, (root.is_live() || common->run_commands) && !common->no_commands);
     std::cout << "\n";
     for (const auto& line : r.log) std::cout << "apply: " << line << "\n";
     if (!r.journal.empty()) std::cout << "apply: journal " << root.at(r.journal).string() << " (`ibdisk setup undo` reverts)\n";
@@ -205,10 +208,11 @@ void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& top_
   add_root_option(undo, *common);
   undo->add_flag("--all", common->all, "Revert every apply, newest first");
   undo->add_flag("--no-commands", common->no_commands, "Do not run the undo commands (rdma link delete, systemctl disable, ...)");
+  undo->add_flag("--run-commands", common->run_commands, "Run the undo commands although --root is not /");
   on_run(undo, [common] {
     check_root(common->root);
     const Root root(common->root);
-    const auto r = undo_last(root, root.is_live() && !common->no_commands, common->all);
+    const auto r = undo_last(root, (root.is_live() || common->run_commands) && !common->no_commands, common->all);
     for (const auto& line : r.log) std::cout << "undo: " << line << "\n";
     return r.ok ? 0 : 1;
   });

@@ -807,7 +807,7 @@ ApplyResult apply_plan(const Root& root, const Plan& plan, bool run_commands) {
   const bool systemd = root.exists("/run/systemd/system");
   for (const auto& c : plan.commands) {
     if (!run_commands) {
-      r.log.push_back("not run (root is not /): " + shell_join(c.argv));
+      r.log.push_back("not run (root is not /; --run-commands runs them): " + shell_join(c.argv));
       continue;
     }
     if (c.needs_systemd && !systemd) {

@@ -88,8 +88,11 @@ class Tree:
 
     def ib_device(self, name, pci_dev, node_guid, ports, fw="2.42.5000", hca="MT4099", board="MT_1090120019"):
         dev = (pci_dev + "/infiniband/" + name) if pci_dev else ("/sys/devices/virtual/infiniband/" + name)
-        self.attrs(dev, {"node_guid": node_guid, "node_type": "1: CA", "sys_image_guid": node_guid,
-                         "fw_ver": fw, "hca_type": hca, "board_id": board, "node_desc": "host %s" % name})
+        values = {"node_guid": node_guid, "node_type": "1: CA", "sys_image_guid": node_guid, "fw_ver": fw,
+                  "node_desc": "host %s" % name}
+        if pci_dev:  # Soft-RoCE has fw_ver (empty) but no hca_type or board_id
+            values.update({"hca_type": hca, "board_id": board})
+        self.attrs(dev, values)
         if pci_dev:
             self.device_link(dev, pci_dev)
         for num, p in ports.items():
@@ -303,7 +306,7 @@ def main():
         1: {"state": "4: ACTIVE", "phys": "5: LinkUp", "rate": "2.5 Gb/sec (1X)", "ll": "Ethernet",
             "cap": "0x00890000",
             "gids": ["fe80:0000:0000:0000:0225:90ff:fe5a:11f0", "0000:0000:0000:0000:0000:ffff:0a4d:0001"],
-            "ndev": "eno1"}}, fw="0.0.0", hca="", board="")
+            "ndev": "eno1"}}, fw="")
     t.write(dev + "/parent", "eno1")
     t.proc(["rdma_rxe", "ib_uverbs", "rdma_ucm", "rdma_cm", "ib_core", "e1000e", "crc32_generic"],
            memlock="8388608", comms=[(1, "systemd")],

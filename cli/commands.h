@@ -11,7 +11,6 @@ using Runner = std::function<int()>;
 using Register = std::function<void(CLI::App& app, std::function<void(CLI::App*, Runner)> on_run)>;
 
 void add_selftest(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
-void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);

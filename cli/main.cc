@@ -28,7 +28,6 @@ int main(int argc, char** argv) {
   cli::add_serve(app, on_run);
   cli::add_client_commands(app, on_run);
   cli::add_selftest(app, on_run);
-  cli::add_setup(app, on_run);
   cli::add_bench(app, on_run);
   cli::add_setup(app, on_run);
 

@@ -86,7 +86,8 @@ void add_plan_options(CLI::App* sub, Common& c) {
   sub->add_option("--port", c.plan.port, "port-type: port number (1 or 2)");
   sub->add_option("--link-type", c.plan.link_type, "port-type: ib, eth or vpi")->check(CLI::IsMember({"ib", "eth", "vpi"}));
   sub->add_option("--mstconfig", c.mstconfig, "port-type: file with `mstconfig query` output (default: run mstconfig when --root is /)");
-  sub->add_option("--rename", c.plan.renames, "names: OLD=NEW, persistent name by hardware address (repeatable)");
+  sub->add_option("--rename", c.plan.renames, "names: OLD=NEW, persistent name by hardware address (repeat the option)")
+      ->allow_extra_args(false);
   sub->add_option("--netdev", c.plan.netdev, "soft-roce: the Ethernet interface to run Soft-RoCE on");
   sub->add_option("--rxe-name", c.plan.rxe_name, "soft-roce: name of the RDMA device (default rxe_NETDEV)");
   sub->add_option("--bond-name", c.plan.bond_name, "bond: the bond interface")->capture_default_str();

@@ -13,7 +13,9 @@ using Register = std::function<void(CLI::App& app, std::function<void(CLI::App*,
 void add_selftest(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
+void add_demo(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
+void add_attach_commands(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run);
 
 }  // namespace ibdisk::cli

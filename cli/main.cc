@@ -25,8 +25,10 @@ int main(int argc, char** argv) {
 
   std::map<CLI::App*, cli::Runner> runners;
   const auto on_run = [&runners](CLI::App* sub, cli::Runner r) { runners[sub] = std::move(r); };
+  cli::add_demo(app, on_run);
   cli::add_serve(app, on_run);
   cli::add_client_commands(app, on_run);
+  cli::add_attach_commands(app, on_run);
   cli::add_selftest(app, on_run);
   cli::add_bench(app, on_run);
   cli::add_setup(app, on_run);

@@ -162,3 +162,20 @@ TEST(CliNbd, ServeWithNbdFrontEnd) {
 
 }  // namespace
 }  // namespace ibdisk
+
+namespace ibdisk {
+namespace {
+
+// `ibdisk demo` (the README's first command) exports, writes, reads back and checks, and says
+// which transport it used and why.
+TEST(CliDemo, EndToEndOnThisHost) {
+  testing::TempDir dir;
+  const auto r = run({IBDISK_BINARY, "demo", "--size", "32", "--dir", dir.path().string(), "--no-progress"});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("demo: PASS, every byte matches"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("initiator session"), std::string::npos) << r.output;
+  EXPECT_TRUE(std::filesystem::is_empty(dir.path())) << "the demo leaves nothing behind";
+}
+
+}  // namespace
+}  // namespace ibdisk

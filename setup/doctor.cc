@@ -153,6 +153,29 @@ void check_pcie(const Inventory& inv, std::vector<Finding>& out) {
   }
 }
 
+// A slot running below the card, on a card with no ACTIVE port (so no ceiling yet).
+void check_pcie_idle(const Inventory& inv, std::vector<Finding>& out) {
+  const auto cs = ceilings(inv);
+  for (const auto& d : inv.devices) {
+    if (!d.pci || d.soft_roce || pcie_generation(d.pci->cur_speed_gts) == 0) continue;
+    if (std::any_of(cs.begin(), cs.end(), [&](const Ceiling& c) { return c.device == d.name; })) continue;
+    const auto& pci = *d.pci;
+    if (pci.cur_gbps() + 0.01 >= pci.max_gbps()) continue;
+    Finding f;
+    f.severity = Severity::kWarning;
+    f.id = "pcie-slot-limited";
+    f.subject = pci.address + " (" + (pci.model.empty() ? d.name : pci.model) + ")";
+    f.problem = "the card runs at " + pcie_text(pci.cur_speed_gts, pci.cur_width) + " = " + fmt_gb(pci.cur_gbps()) +
+                " but can do " + pcie_text(pci.max_speed_gts, pci.max_width) + " = " + fmt_gb(pci.max_gbps()) +
+                "; no port is ACTIVE, so the link rate it will have to carry is not known yet";
+    f.reason = pci.cur_width < pci.max_width ? "the slot is narrower than the card"
+                                             : "the slot or the BIOS runs the link at a lower PCIe generation than the card supports";
+    f.fix.push_back("move the card to a slot wired for " + pcie_text(pci.max_speed_gts, pci.max_width) +
+                    " (board manual), or raise the slot's link speed/width in the BIOS");
+    out.push_back(std::move(f));
+  }
+}
+
 void check_ipoib(const Inventory& inv, std::vector<Finding>& out) {
   for (const auto& n : inv.netdevs) {
     if (!n.is_ipoib()) continue;
@@ -339,6 +362,7 @@ std::vector<Finding> diagnose(const Inventory& inv, const std::vector<MstDevice>
   check_ports(inv, out);
   check_port_types(inv, mst, out);
   check_pcie(inv, out);
+  check_pcie_idle(inv, out);
   check_ipoib(inv, out);
   check_sm(inv, out);
   check_modules(inv, out);

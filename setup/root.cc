@@ -77,12 +77,12 @@ std::string Root::link_name(const std::string& path) const {
 std::string Root::resolve(const std::string& path) const {
   // Resolve component by component within the system namespace, never escaping the root.
   fs::path done = "/";
-  std::vector<fs::path> todo;
-  for (const auto& part : fs::path(path).relative_path()) todo.push_back(part);
-  std::reverse(todo.begin(), todo.end());
-  for (int hops = 0; !todo.empty() && hops < 256; ++hops) {
-    const fs::path part = todo.back();
-    todo.pop_back();
+  std::vector<fs::path> pending;
+  for (const auto& part : fs::path(path).relative_path()) pending.push_back(part);
+  std::reverse(pending.begin(), pending.end());
+  for (int hops = 0; !pending.empty() && hops < 256; ++hops) {
+    const fs::path part = pending.back();
+    pending.pop_back();
     if (part == ".") continue;
     if (part == "..") {
       done = done.parent_path();
@@ -98,7 +98,7 @@ std::string Root::resolve(const std::string& path) const {
     if (t.is_absolute()) done = "/";
     std::vector<fs::path> parts;
     for (const auto& p : t.relative_path()) parts.push_back(p);
-    for (auto it = parts.rbegin(); it != parts.rend(); ++it) todo.push_back(*it);
+    for (auto it = parts.rbegin(); it != parts.rend(); ++it) pending.push_back(*it);
   }
   return done.lexically_normal().string();
 }

@@ -12,6 +12,7 @@
 
 #include "common/error.h"
 #include "setup/diff.h"
+#include "setup/doctor.h"
 #include "setup/inventory.h"
 #include "setup/mstconfig.h"
 #include "setup/plan.h"
@@ -293,6 +294,27 @@ TEST(Diff, UnifiedFormat) {
 TEST(ShellJoin, QuotesWhatTheShellWouldSplit) {
   EXPECT_EQ(shell_join({"ip", "address", "add", "10.0.0.1/24"}), "ip address add 10.0.0.1/24");
   EXPECT_EQ(shell_join({"sh", "-c", "a b'c"}), "sh -c 'a b'\\''c'");
+}
+
+}  // namespace
+}  // namespace ibdisk::setup
+
+namespace ibdisk::setup {
+namespace {
+
+// A narrow slot is reported even before any port is ACTIVE (no ceiling to compute yet).
+TEST(DoctorPcie, SlotLimitedWithoutAnActivePort) {
+  TempRoot tmp("cx3-pcie2-x4");
+  { std::ofstream(tmp.dir() + "/sys/class/infiniband/mlx4_0/ports/1/state") << "1: DOWN\n"; }
+  { std::ofstream(tmp.dir() + "/sys/class/infiniband/mlx4_0/ports/1/phys_state") << "2: Polling\n"; }
+  const auto inv = read_inventory(Root(tmp.dir()));
+  EXPECT_TRUE(ceilings(inv).empty());
+  const auto findings = diagnose(inv, {});
+  const auto it = std::find_if(findings.begin(), findings.end(), [](const Finding& f) { return f.id == "pcie-slot-limited"; });
+  ASSERT_NE(it, findings.end());
+  EXPECT_EQ(it->severity, Severity::kWarning);
+  EXPECT_NE(it->problem.find("PCIe 2.0 x4"), std::string::npos) << it->problem;
+  EXPECT_NE(it->problem.find("16.0 Gb/s"), std::string::npos) << it->problem;
 }
 
 }  // namespace

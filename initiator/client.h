@@ -32,6 +32,11 @@ struct ClientOptions {
   std::uint32_t max_io = wire::kMaxIoSize;
   std::chrono::milliseconds timeout{10000};
   std::string client_name;
+  // "auto": RDMA when it connects within a short timeout, else TCP (logging why in one line);
+  // "rdma": RDMA or an error; "tcp": TCP only.
+  std::string transport = "auto";
+  std::uint16_t rdma_port = 0;  // RDMA CM port; 0: the same number as `port`
+  std::chrono::milliseconds rdma_timeout{2500};  // for the RDMA attempt of each queue
 };
 
 // "HOST", "HOST:PORT", "[V6]:PORT" into host and port (port unchanged when absent).
@@ -66,6 +71,8 @@ class Client {
   std::uint32_t max_io() const;
   std::string transport(unsigned q) const;
   std::uint64_t session_id() const;
+  // Why RDMA is not carrying the session (empty when it is, or when TCP was asked for).
+  const std::string& rdma_not_used() const { return rdma_not_used_; }
 
   void read(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::byte* buf, Callback cb);
   void write(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, const std::byte* buf,
@@ -93,6 +100,7 @@ class Client {
   std::uint32_t max_io_ = 0;
   bool started_ = false;
   std::string lost_;  // why a queue was lost, once it was
+  std::string rdma_not_used_;
 };
 
 // Turns a control reply that carries an Error into a SystemError naming `what`.

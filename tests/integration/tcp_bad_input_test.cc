@@ -306,12 +306,7 @@ TEST(Auth, KeysAndRefusals) {
   EXPECT_THROW(write_new_key_file(key), SystemError);  // never overwrites
 
   testing::make_sparse_file(dir.file("d.img"), 1 << 20);
-  target::ServerOptions o;
-  o.exports.push_back({"disk", dir.file("d.img"), false, false});
-  o.listen_address = "127.0.0.1";
-  o.port = 0;
-  o.threads = 1;
-  o.buffer_mib = 8;
+  target::ServerOptions o = testing::loopback_target(dir.file("d.img"), false, 8);
   o.key_file = key;
   testing::ServerThread srv(o);
   ClientOptions c;
@@ -364,12 +359,7 @@ TEST(Auth, NoKeyMeansLoopbackOnly) {
 TEST(Auth, AllowList) {
   testing::TempDir dir;
   testing::make_sparse_file(dir.file("d.img"), 1 << 20);
-  target::ServerOptions o;
-  o.exports.push_back({"disk", dir.file("d.img"), false, false});
-  o.listen_address = "127.0.0.1";
-  o.port = 0;
-  o.threads = 1;
-  o.buffer_mib = 8;
+  target::ServerOptions o = testing::loopback_target(dir.file("d.img"), false, 8);
   o.allow = {"10.30.0.0/24"};
   testing::ServerThread srv(o);
   ClientOptions c;

@@ -23,13 +23,9 @@ using testing::TempDir;
 
 constexpr std::uint64_t kGiB = 1ull << 30;
 
-target::ServerOptions one_export(const std::string& path, bool read_only = false, bool shared = false) {
-  target::ServerOptions o;
-  o.exports.push_back({"disk", path, read_only, shared});
-  o.listen_address = "127.0.0.1";
-  o.port = 0;
+target::ServerOptions one_export(const std::string& path, bool read_only = false) {
+  target::ServerOptions o = testing::loopback_target(path, read_only, 96);
   o.threads = 2;
-  o.buffer_mib = 96;
   return o;
 }
 

@@ -28,6 +28,16 @@ void make_sparse_file(const std::string& path, std::uint64_t size) {
   ::close(fd);
 }
 
+target::ServerOptions loopback_target(const std::string& path, bool read_only, unsigned buffer_mib) {
+  target::ServerOptions o;
+  o.exports.push_back({"disk", path, read_only, false});
+  o.listen_address = "127.0.0.1";
+  o.port = 0;
+  o.threads = 1;
+  o.buffer_mib = buffer_mib;
+  return o;
+}
+
 std::uint16_t free_port() {
   boost::asio::io_context io;
   boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});

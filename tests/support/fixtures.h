@@ -26,6 +26,9 @@ class TempDir {
 // Creates a sparse file of `size` bytes.
 void make_sparse_file(const std::string& path, std::uint64_t size);
 
+// A target on 127.0.0.1 (any free port) exporting `path` as "disk", small enough for tests.
+target::ServerOptions loopback_target(const std::string& path, bool read_only = false, unsigned buffer_mib = 64);
+
 // A TCP port on 127.0.0.1 that was free a moment ago.
 std::uint16_t free_port();
 

@@ -26,12 +26,16 @@ struct Common {
   std::string key_file;
   double timeout_s = 10;
   bool json = false;
+  std::string transport = "auto";
 };
 
 void add_common(CLI::App* sub, Common& c, bool json) {
   sub->add_option("-k,--key-file", c.key_file, "the target's pre-shared key (a copy of its --key-file)");
   sub->add_option("--timeout", c.timeout_s, "seconds to wait for the target")->capture_default_str()->check(CLI::PositiveNumber);
   if (json) sub->add_flag("--json", c.json, "print JSON instead of a table");
+  sub->add_option("--transport", c.transport, "auto tries RDMA (a few seconds), then TCP; rdma or tcp forces one")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"auto", "rdma", "tcp"}));
 }
 
 ClientOptions options_for(const std::string& host, std::uint16_t port, const Common& c) {
@@ -40,6 +44,7 @@ ClientOptions options_for(const std::string& host, std::uint16_t port, const Com
   o.port = port;
   o.key_file = c.key_file;
   o.timeout = std::chrono::milliseconds(static_cast<long>(c.timeout_s * 1000));
+  o.transport = c.transport;
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   o.client_name = name;

@@ -7,6 +7,7 @@
 #include "common/auth.h"
 #include "common/error.h"
 #include "common/log.h"
+#include "transport/rdma/rdma_connection.h"
 #include "transport/tcp/tcp_connection.h"
 
 namespace ibdisk::initiator {
@@ -91,15 +92,38 @@ std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
   c->opts_ = opts;
   const std::string key = opts.key_file.empty() ? std::string() : load_key_file(opts.key_file);
   const std::string where = opts.host + ":" + std::to_string(opts.port);
+  if (opts.transport != "auto" && opts.transport != "rdma" && opts.transport != "tcp") {
+    throw std::invalid_argument("--transport must be auto, rdma or tcp (got '" + opts.transport + "')");
+  }
+  bool try_rdma = opts.transport != "tcp";
+  const std::uint16_t rdma_port = opts.rdma_port ? opts.rdma_port : opts.port;
   for (unsigned i = 0; i < opts.queues; ++i) {
     auto q = std::make_unique<Queue>();
-    q->conn = transport::tcp_connect(c->io_, opts.host, opts.port, opts.timeout);
+    if (try_rdma) {
+      transport::RdmaConnectOptions ro;
+      ro.queue_depth = std::clamp(opts.queue_depth, 1u, wire::kMaxQueueDepth);
+      ro.max_io = std::clamp<std::uint32_t>(opts.max_io, 4096, wire::kMaxIoSize);
+      ro.connect_timeout = std::min(opts.rdma_timeout, opts.timeout);
+      ro.call_timeout = opts.timeout;
+      std::string why;
+      q->conn = transport::rdma_connect(c->io_, opts.host, rdma_port, ro, &why);
+      if (!q->conn) {
+        if (opts.transport == "rdma") {
+          throw SystemError("connecting to " + opts.host + " over RDMA (port " + std::to_string(rdma_port) + ")", why,
+                            "check `ibdisk setup doctor` on both sides, or use --transport auto to allow TCP");
+        }
+        log()->warn("RDMA not used: {}; using TCP", why);
+        c->rdma_not_used_ = why;
+        try_rdma = false;
+      }
+    }
+    if (!q->conn) q->conn = transport::tcp_connect(c->io_, opts.host, opts.port, opts.timeout);
     const std::string client_nonce = random_bytes(32);
     proto::Control hello;
     auto* h = hello.mutable_hello();
     h->set_min_version(wire::kProtocolVersion);
     h->set_max_version(wire::kProtocolVersion);
-    h->add_transports("tcp");
+    h->add_transports(q->conn->transport_name());
     h->set_queue_depth(opts.queue_depth);
     h->set_max_io_size(opts.max_io);
     h->set_client_name(opts.client_name);

@@ -11,6 +11,7 @@
 #include "common/error.h"
 #include "common/log.h"
 #include "transport/buffer_pool.h"
+#include "transport/rdma/rdma_connection.h"
 #include "transport/tcp/tcp_connection.h"
 
 namespace ibdisk::target {
@@ -55,9 +56,12 @@ struct Shared {
 
 class QueueHandler;
 
+// Members parent first: connections (in queues) go before the RDMA registrations of the pool,
+// which go before the pool.
 struct Worker {
   asio::io_context io;
   std::unique_ptr<transport::BufferPool> pool;
+  std::unique_ptr<transport::RdmaDeviceCache> rdma;
   std::unique_ptr<StorageEngine> engine;
   std::unordered_map<QueueHandler*, std::unique_ptr<QueueHandler>> queues;
   std::thread thread;
@@ -440,6 +444,73 @@ struct Server::Impl {
   std::unique_ptr<tcp::acceptor> acceptor;
   unsigned next_worker = 0;
   std::string listen_text;
+  std::unique_ptr<transport::RdmaListener> rdma_listener;  // on worker 0's thread
+  unsigned next_rdma_worker = 0;
+  std::string rdma_text;
+
+  void add_queue(Worker& w, std::shared_ptr<ServerConnection> conn, bool allowed) {
+    auto handler = std::make_unique<QueueHandler>(shared, w, std::move(conn));
+    QueueHandler* raw = handler.get();
+    w.queues.emplace(raw, std::move(handler));
+    raw->start(allowed);
+  }
+
+  // Listener thread: hands the request to the next worker, which builds the QP and accepts.
+  void on_rdma_request(transport::RdmaListener::Request&& req) {
+    Worker& w = *workers[next_rdma_worker++ % workers.size()];
+    asio::post(w.io, [this, &w, r = std::move(req)]() mutable {
+      if (shared.stopping) return transport::reject_connect(r.id.get(), transport::RdmaRejectReason::kShuttingDown);
+      const std::string peer = r.peer;
+      const auto colon = peer.rfind(':');
+      boost::system::error_code e;
+      auto ip = peer.substr(0, colon == std::string::npos ? peer.size() : colon);
+      if (!ip.empty() && ip.front() == '[') ip = ip.substr(1, ip.size() - 2);
+      const auto addr = asio::ip::make_address(ip, e);
+      const bool allowed = !e && shared.allow.allows(addr);
+      rdma_cm_id* id = r.id.get();
+      std::shared_ptr<ServerConnection> conn;
+      try {
+        conn = transport::make_rdma_server_connection(w.io, std::move(r), *w.rdma, *w.pool);
+      } catch (const std::exception& ex) {
+        log()->warn("{}: RDMA queue refused: {}", peer, ex.what());
+        if (r.id) transport::reject_connect(id, transport::RdmaRejectReason::kNoResources);
+        return;
+      }
+      add_queue(w, std::move(conn), allowed);
+    });
+  }
+
+  void start_rdma(const std::string& host, std::uint16_t tcp_port) {
+    const auto& o = shared.opts;
+    if (!o.rdma) {
+      rdma_text = "RDMA disabled by configuration";
+      log()->info("not listening on RDMA: disabled; TCP only");
+      return;
+    }
+    const auto probe = rdma::probe_devices();
+    if (probe.devices.empty()) {
+      rdma_text = probe.unavailable_reason;
+      log()->info("not listening on RDMA: {}; TCP only", probe.unavailable_reason);
+      return;
+    }
+    // Every worker's pool is registered with the device: that much memory must be lockable.
+    const std::size_t need = static_cast<std::size_t>(o.threads) * workers[0]->pool->region().iov_len;
+    if (const std::string m = transport::memlock_problem(need, "the target's RDMA buffer pools (--threads x --buffer-mib)");
+        !m.empty()) {
+      throw SystemError("listening on RDMA", m, "or lower --buffer-mib");
+    }
+    const std::uint16_t port = o.rdma_port < 0 ? tcp_port : static_cast<std::uint16_t>(o.rdma_port);
+    try {
+      rdma_listener = std::make_unique<transport::RdmaListener>(
+          workers[0]->io, host, port, [this](transport::RdmaListener::Request&& r) { on_rdma_request(std::move(r)); });
+    } catch (const SystemError& e) {
+      rdma_text = e.what();
+      log()->warn("not listening on RDMA at {}:{}: {}; TCP only", host, port, e.what());
+      return;
+    }
+    rdma_text = "listening on RDMA " + host + ":" + std::to_string(rdma_listener->port());
+    log()->info("{}", rdma_text);
+  }
 
   void accept_next() {
     Worker& w = *workers[next_worker++ % workers.size()];
@@ -452,11 +523,7 @@ struct Server::Impl {
           boost::system::error_code e;
           const auto peer = sock.remote_endpoint(e);
           const bool allowed = !e && shared.allow.allows(peer.address());
-          auto conn = transport::make_tcp_server_connection(std::move(sock), *w.pool);
-          auto handler = std::make_unique<QueueHandler>(shared, w, std::move(conn));
-          QueueHandler* raw = handler.get();
-          w.queues.emplace(raw, std::move(handler));
-          raw->start(allowed);
+          add_queue(w, transport::make_tcp_server_connection(std::move(sock), *w.pool), allowed);
         });
       }
       if (!shared.stopping) accept_next();
@@ -495,6 +562,7 @@ Server::Server(ServerOptions opts) {
     const iovec region = w->pool->region();
     w->engine->register_buffers({&region, 1});
     w->pool->set_fixed_index(0);
+    w->rdma = std::make_unique<transport::RdmaDeviceCache>(*w->pool);
     impl_->workers.push_back(std::move(w));
   }
 
@@ -517,6 +585,7 @@ Server::Server(ServerOptions opts) {
                               : "listening on loopback only");
   }
   impl_->accept_next();
+  impl_->start_rdma(host, a.local_endpoint().port());
 }
 
 Server::~Server() {
@@ -549,6 +618,7 @@ void Server::stop() {
   asio::post(impl_->workers[0]->io, [this] {
     boost::system::error_code ec;
     impl_->acceptor->close(ec);
+    if (impl_->rdma_listener) impl_->rdma_listener->close();
   });
   for (auto& w : impl_->workers) {
     Worker* wp = w.get();
@@ -563,6 +633,8 @@ void Server::stop() {
 }
 
 std::uint16_t Server::port() const { return impl_->acceptor->local_endpoint().port(); }
+std::uint16_t Server::rdma_port() const { return impl_->rdma_listener ? impl_->rdma_listener->port() : 0; }
+std::string Server::rdma_status() const { return impl_->rdma_text; }
 std::string Server::listen_description() const { return impl_->listen_text; }
 ExportRegistry& Server::exports() { return impl_->shared.registry; }
 const NetworkAllowList& Server::allow_list() const { return impl_->shared.allow; }

@@ -28,6 +28,8 @@ struct ServerOptions {
   unsigned threads = 2;
   unsigned buffer_mib = 128;   // data buffers per worker
   std::string server_name;
+  bool rdma = true;             // also listen on RDMA CM when an RDMA device exists
+  int rdma_port = -1;           // RDMA CM port (a port space of its own): -1 the TCP port, 0 any
 };
 
 class Server {
@@ -46,6 +48,9 @@ class Server {
   void stop();
 
   std::uint16_t port() const;
+  // The RDMA CM port, or 0 when the target does not listen on RDMA (rdma_status() says why).
+  std::uint16_t rdma_port() const;
+  std::string rdma_status() const;
   std::string listen_description() const;
   ExportRegistry& exports();
   const NetworkAllowList& allow_list() const;

@@ -1,5 +1,6 @@
 #include "transport/rdma/verbs.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/resource.h>
 
@@ -245,6 +246,19 @@ int CompletionQueue::wait(std::span<ibv_wc> wcs, std::chrono::milliseconds timeo
       unacked_events_ = 0;
     }
   }
+}
+
+bool CompletionQueue::take_event() {
+  const int flags = ::fcntl(channel_->fd, F_GETFL);
+  if (flags >= 0 && !(flags & O_NONBLOCK)) ::fcntl(channel_->fd, F_SETFL, flags | O_NONBLOCK);
+  ibv_cq* ev_cq = nullptr;
+  void* ev_ctx = nullptr;
+  if (ibv_get_cq_event(channel_, &ev_cq, &ev_ctx) != 0) return false;
+  if (++unacked_events_ >= 64) {
+    ibv_ack_cq_events(cq_, unacked_events_);
+    unacked_events_ = 0;
+  }
+  return true;
 }
 
 QueuePair::QueuePair(CmId& id, ProtectionDomain& pd, CompletionQueue& cq, unsigned send_depth,

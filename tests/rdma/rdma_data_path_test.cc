@@ -1,0 +1,296 @@
+// The RDMA data path end to end on Soft-RoCE: the random workload checked against a model,
+// the fallback to TCP and why, a forced RDMA connect to a TCP-only target, foreign private
+// data, and the memlock message.
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "common/checksum.h"
+#include "common/error.h"
+#include "initiator/client.h"
+#include "tests/rdma/rdma_env.h"
+#include "tests/support/fixtures.h"
+#include "transport/rdma/rdma_connection.h"
+
+namespace ibdisk {
+namespace {
+
+using initiator::Client;
+using initiator::ClientOptions;
+using testing::ServerThread;
+using testing::TempDir;
+
+constexpr std::uint64_t kImage = 256ull << 20;  // small: the guest CPU is emulated
+
+target::ServerOptions rdma_target(const std::string& img, bool rdma = true) {
+  target::ServerOptions o;
+  o.exports.push_back({"disk", img, false, false});
+  o.listen_address = testing::rdma_addr();
+  o.insecure = true;  // the guest's private veth address
+  o.port = 0;
+  o.threads = 2;
+  o.buffer_mib = 48;
+  o.rdma = rdma;
+  return o;
+}
+
+ClientOptions client_for(std::uint16_t port, unsigned queues, unsigned depth, const std::string& transport) {
+  ClientOptions c;
+  c.host = testing::rdma_addr();
+  c.port = port;
+  c.queues = queues;
+  c.queue_depth = depth;
+  c.transport = transport;
+  return c;
+}
+
+template <typename Fn>
+int sync(Client& c, Fn&& fn) {
+  bool done = false;
+  int status = 1;
+  fn([&](int st) {
+    status = st;
+    done = true;
+  });
+  c.run_until([&] { return done; });
+  return status;
+}
+
+// Random reads and writes of 512 B to 1 MiB on 2 queues x depth 16 over RDMA, never
+// overlapping while in flight: every byte read matches the model, then a full read-back.
+TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
+  IBDISK_REQUIRE_RDMA();
+  TempDir dir;
+  const std::string img = dir.file("disk.img");
+  testing::make_sparse_file(img, kImage);
+  ServerThread srv(rdma_target(img));
+  ASSERT_NE(srv.server().rdma_port(), 0) << srv.server().rdma_status();
+  auto client = Client::connect(client_for(srv.port(), 2, 16, "rdma"));
+  for (unsigned q = 0; q < client->queue_count(); ++q) ASSERT_EQ(client->transport(q), "rdma");
+  EXPECT_EQ(client->queue_depth(0), 16u);
+  const auto opened = client->open("disk", false);
+
+  std::vector<std::byte> model(kImage);
+  std::mt19937_64 rng(42);
+  struct Op {
+    bool write;
+    std::uint64_t off;
+    std::uint32_t len;
+    std::vector<std::byte> buf;
+  };
+  std::vector<std::unique_ptr<Op>> inflight;
+  auto overlaps = [&](std::uint64_t off, std::uint32_t len) {
+    for (const auto& o : inflight) {
+      if (o && off < o->off + o->len && o->off < off + len) return true;
+    }
+    return false;
+  };
+  const unsigned kOps = 600;
+  unsigned issued = 0, completed = 0, mismatches = 0, errors = 0;
+  std::uint64_t bytes = 0;
+  std::function<void()> issue = [&] {
+    while (issued < kOps && client->in_flight() < 32) {
+      // Mostly small requests, some up to 1 MiB (the largest always included).
+      const std::uint32_t len = issued == 0 ? (1u << 20)
+                                : rng() % 4 == 0 ? 512u * static_cast<std::uint32_t>(1 + rng() % 2048)
+                                                 : 512u * static_cast<std::uint32_t>(1 + rng() % 64);
+      std::uint64_t off;
+      do {
+        off = (rng() % ((kImage - len) / 512)) * 512;
+        if (rng() % 4 == 0) off += rng() % 512;
+        if (off + len > kImage) off = kImage - len;
+      } while (overlaps(off, len));
+      auto op = std::make_unique<Op>(Op{rng() % 2 == 0, off, len, std::vector<std::byte>(len)});
+      if (op->write) {
+        fill_pattern(op->buf, rng());
+        std::memcpy(model.data() + off, op->buf.data(), len);
+      }
+      Op* raw = op.get();
+      inflight.push_back(std::move(op));
+      ++issued;
+      auto done = [&, raw](int st) {
+        if (st != 0) ++errors;
+        if (!raw->write && std::memcmp(raw->buf.data(), model.data() + raw->off, raw->len) != 0) ++mismatches;
+        bytes += raw->len;
+        ++completed;
+        for (auto& p : inflight) {
+          if (p.get() == raw) p.reset();
+        }
+        std::erase_if(inflight, [](const auto& p) { return !p; });
+        issue();
+      };
+      const unsigned q = issued % client->queue_count();
+      if (raw->write) client->write(q, opened.handle(), off, len, raw->buf.data(), 0, done);
+      else client->read(q, opened.handle(), off, len, raw->buf.data(), done);
+    }
+  };
+  issue();
+  client->run_until([&] { return completed == kOps; });
+  EXPECT_EQ(errors, 0u);
+  EXPECT_EQ(mismatches, 0u);
+  EXPECT_GT(bytes, 20u << 20);
+  EXPECT_EQ(sync(*client, [&](auto cb) { client->flush(0, opened.handle(), cb); }), 0);
+  std::vector<std::byte> buf(1 << 20);
+  unsigned bad_blocks = 0;
+  for (std::uint64_t off = 0; off < kImage; off += buf.size()) {
+    ASSERT_EQ(sync(*client, [&](auto cb) {
+                client->read(static_cast<unsigned>(off >> 20), opened.handle(), off, 1 << 20, buf.data(), cb);
+              }),
+              0);
+    if (std::memcmp(buf.data(), model.data() + off, buf.size()) != 0) ++bad_blocks;
+  }
+  EXPECT_EQ(bad_blocks, 0u);
+  // The target's stats (asked by another session: this one is in its data phase) name the
+  // transport of every queue.
+  auto observer = Client::connect(client_for(srv.port(), 1, 4, "auto"));
+  const auto st = observer->stats();
+  bool found = false;
+  for (const auto& s : st.sessions()) {
+    if (s.session_id() != client->session_id()) continue;
+    found = true;
+    ASSERT_EQ(s.transports_size(), 2);
+    for (const auto& t : s.transports()) EXPECT_EQ(t, "rdma");
+  }
+  EXPECT_TRUE(found);
+  std::printf("RDMA workload: %u ops, %llu MiB, 0 errors expected, %u errors, %u mismatches\n", completed,
+              static_cast<unsigned long long>(bytes >> 20), errors, mismatches);
+}
+
+// Flush, FUA, trim, write-zeroes and an out-of-range read over RDMA: statuses as over TCP.
+TEST(RdmaDataPath, NonDataCommandsAndErrors) {
+  IBDISK_REQUIRE_RDMA();
+  TempDir dir;
+  const std::string img = dir.file("d.img");
+  testing::make_sparse_file(img, 16 << 20);
+  ServerThread srv(rdma_target(img));
+  auto c = Client::connect(client_for(srv.port(), 1, 4, "rdma"));
+  const auto h = c->open("disk", false);
+  std::vector<std::byte> data(1 << 20), back(1 << 20);
+  fill_pattern(data, 3);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->write(0, h.handle(), 0, 1 << 20, data.data(), wire::kFlagFua, cb); }), 0);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->write_zeroes(0, h.handle(), 0, 4096, 0, cb); }), 0);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->trim(0, h.handle(), 8192, 4096, cb); }), 0);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->flush(0, h.handle(), cb); }), 0);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle(), 0, 1 << 20, back.data(), cb); }), 0);
+  EXPECT_EQ(std::vector<std::byte>(back.begin(), back.begin() + 4096), std::vector<std::byte>(4096));
+  EXPECT_TRUE(std::equal(back.begin() + 12288, back.end(), data.begin() + 12288));
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle(), (16 << 20) - 512, 4096, back.data(), cb); }), -EINVAL);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle() + 7, 0, 4096, back.data(), cb); }), -EBADF);
+}
+
+// A target without RDMA: auto connects over TCP and says why; a forced rdma fails clearly.
+TEST(RdmaFallback, AutoUsesTcpAndSaysWhyForcedRdmaFails) {
+  IBDISK_REQUIRE_RDMA();
+  TempDir dir;
+  const std::string img = dir.file("d.img");
+  testing::make_sparse_file(img, 16 << 20);
+  ServerThread srv(rdma_target(img, /*rdma=*/false));
+  EXPECT_EQ(srv.server().rdma_port(), 0);
+  const auto start = std::chrono::steady_clock::now();
+  auto c = Client::connect(client_for(srv.port(), 2, 8, "auto"));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(8));
+  EXPECT_EQ(c->transport(0), "tcp");
+  EXPECT_EQ(c->transport(1), "tcp");
+  EXPECT_NE(c->rdma_not_used().find("nothing listens for RDMA"), std::string::npos) << c->rdma_not_used();
+  const auto h = c->open("disk", false);
+  std::vector<std::byte> buf(4096);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle(), 0, 4096, buf.data(), cb); }), 0);
+  try {
+    Client::connect(client_for(srv.port(), 1, 8, "rdma"));
+    FAIL() << "--transport rdma to a TCP-only target must fail";
+  } catch (const SystemError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("over RDMA"), std::string::npos) << what;
+    EXPECT_NE(what.find("nothing listens for RDMA"), std::string::npos) << what;
+  }
+}
+
+// Connect requests with foreign private data are rejected (with a reason), the target keeps
+// serving RDMA queues.
+TEST(RdmaConnect, ForeignPrivateDataRejectedTargetKeepsServing) {
+  IBDISK_REQUIRE_RDMA();
+  TempDir dir;
+  const std::string img = dir.file("d.img");
+  testing::make_sparse_file(img, 16 << 20);
+  ServerThread srv(rdma_target(img));
+  ASSERT_NE(srv.server().rdma_port(), 0) << srv.server().rdma_status();
+  auto try_connect = [&](const void* data, std::uint8_t len) {
+    rdma::EventChannel ch;
+    rdma::CmId id(ch);
+    sockaddr_in dst{};
+    dst.sin_family = AF_INET;
+    dst.sin_port = htons(srv.server().rdma_port());
+    ::inet_pton(AF_INET, testing::rdma_addr().c_str(), &dst.sin_addr);
+    id.resolve_addr(nullptr, reinterpret_cast<sockaddr*>(&dst), "target", std::chrono::milliseconds(3000));
+    ch.expect(RDMA_CM_EVENT_ADDR_RESOLVED, std::chrono::milliseconds(3000), "resolve", "");
+    id.resolve_route(std::chrono::milliseconds(3000));
+    ch.expect(RDMA_CM_EVENT_ROUTE_RESOLVED, std::chrono::milliseconds(3000), "route", "");
+    rdma::ProtectionDomain pd(id.verbs());
+    rdma::CompletionQueue cq(id.verbs(), 4);
+    rdma::QueuePair qp(id, pd, cq, 2, 2);
+    rdma_conn_param p{};
+    p.private_data = data;
+    p.private_data_len = len;
+    EXPECT_EQ(rdma_connect(id.get(), &p), 0);
+    auto ev = ch.next(std::chrono::milliseconds(5000));
+    EXPECT_TRUE(ev.has_value());
+    return ev ? ev->type() : RDMA_CM_EVENT_CONNECT_ERROR;
+  };
+  const char junk[32] = "not-ibdisk-private-data";
+  EXPECT_EQ(try_connect(junk, sizeof junk), RDMA_CM_EVENT_REJECTED);
+  transport::RdmaConnectData future;
+  future.version = 99;
+  future.queue_depth = 8;
+  future.max_io = 4096;
+  future.msg_size = transport::kRdmaMsgSize;
+  const auto bytes = transport::encode(future);
+  EXPECT_EQ(try_connect(bytes.data(), static_cast<std::uint8_t>(bytes.size())), RDMA_CM_EVENT_REJECTED);
+  auto c = Client::connect(client_for(srv.port(), 1, 4, "rdma"));
+  EXPECT_EQ(c->transport(0), "rdma");
+  const auto h = c->open("disk", true);
+  std::vector<std::byte> buf(4096);
+  EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle(), 0, 4096, buf.data(), cb); }), 0);
+}
+
+// Connect data: the encoder and the checks a target applies to what it receives.
+TEST(RdmaConnect, ConnectDataChecks) {
+  transport::RdmaConnectData d;
+  d.queue_depth = 16;
+  d.max_io = 1 << 20;
+  d.msg_size = transport::kRdmaMsgSize;
+  auto bytes = transport::encode(d);
+  transport::RdmaConnectData out;
+  EXPECT_EQ(transport::decode_connect_data(bytes, &out), "");
+  EXPECT_EQ(out.queue_depth, 16u);
+  EXPECT_NE(transport::decode_connect_data(std::span(bytes).first(16), &out), "");
+  auto bad = bytes;
+  bad[0] = std::byte{0};
+  EXPECT_NE(transport::decode_connect_data(bad, &out).find("magic"), std::string::npos);
+  bad = bytes;
+  bad[8] = std::byte{0};  // depth 0
+  EXPECT_NE(transport::decode_connect_data(bad, &out).find("queue depth"), std::string::npos);
+  bad = bytes;
+  bad[24] = std::byte{1};
+  EXPECT_NE(transport::decode_connect_data(bad, &out).find("reserved"), std::string::npos);
+}
+
+// A locked-memory limit below what the buffers need names the exact settings to fix it.
+TEST(RdmaMemlock, MessageNamesTheSettings) {
+  const std::size_t need = 256ull << 20;
+  const std::string m = transport::memlock_problem(need, "the target's RDMA buffer pools", 8 << 20, false);
+  EXPECT_NE(m.find("256 MiB"), std::string::npos) << m;
+  EXPECT_NE(m.find("RLIMIT_MEMLOCK is 8192 KiB"), std::string::npos) << m;
+  EXPECT_NE(m.find("ulimit -l 263168"), std::string::npos) << m;
+  EXPECT_NE(m.find("memlock 263168"), std::string::npos) << m;
+  EXPECT_NE(m.find("LimitMEMLOCK=263168K"), std::string::npos) << m;
+  EXPECT_EQ(transport::memlock_problem(need, "x", RLIM_INFINITY, false), "");
+  EXPECT_EQ(transport::memlock_problem(need, "x", 8 << 20, /*cap_ipc_lock=*/true), "");
+  EXPECT_EQ(transport::memlock_problem(need, "x", need, false), "");
+}
+
+}  // namespace
+}  // namespace ibdisk

@@ -1,0 +1,143 @@
+#pragma once
+// The RDMA implementation of the Connection interface (verbs + RDMA CM), one RC queue pair per
+// initiator queue:
+// - connect: RDMA CM with RdmaConnectData (32 bytes, versioned) as private data;
+// - control messages (protobuf) and capsules travel as SENDs into posted RECV buffers, each
+//   with an 8-byte message header (control messages are cut into fragments);
+// - a write's data moves by RDMA READ (target reads the initiator's buffer into its slot),
+//   a read's data by RDMA WRITE (target writes its slot into the initiator's buffer), chained
+//   in one post with the completion's SEND, only the SEND signalled.
+// The target's slots are the worker's BufferPool, registered once per (worker, device) and
+// also with io_uring, so disk data is never copied. The initiator copies user data into and
+// out of its own registered bounce slots (queue_depth x max_io, allocated at connect): the
+// Client API takes any buffer, and registering each one would cost a syscall per I/O.
+//
+// Files: rdma_connection.cc (shared endpoint, setup, the listener, the initiator) and
+// rdma_datapath.cc (the target's command path).
+// Threads: every object belongs to the io_context thread it was created for.
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+
+#include "transport/buffer_pool.h"
+#include "transport/connection.h"
+#include "transport/rdma/verbs.h"
+#include "transport/tcp/asio.h"
+
+namespace ibdisk::transport {
+
+inline constexpr std::uint32_t kRdmaConnectMagic = 0x51444249;  // "IBDQ" little-endian
+inline constexpr std::uint16_t kRdmaConnectVersion = 1;
+
+// RDMA CM private data of a connect request, initiator -> target. Little-endian on the wire.
+struct RdmaConnectData {
+  std::uint32_t magic = kRdmaConnectMagic;
+  std::uint16_t version = kRdmaConnectVersion;
+  std::uint16_t reserved = 0;
+  std::uint32_t queue_depth = 0;  // commands in flight wanted; sizes the target's QP and RECVs
+  std::uint32_t max_io = 0;       // largest read/write per command wanted
+  std::uint32_t msg_size = 0;     // the initiator's RECV buffer size; must equal the target's
+  std::uint32_t reserved2[3] = {0, 0, 0};
+};
+static_assert(sizeof(RdmaConnectData) == 32 && sizeof(RdmaConnectData) <= 56,
+              "RDMA CM private data is limited to 56 bytes");
+
+// Why a target rejected a connect request, carried in the reject's private data.
+enum class RdmaRejectReason : std::uint16_t { kBadConnectData = 1, kNoResources = 2, kShuttingDown = 3 };
+struct RdmaRejectData {
+  std::uint32_t magic = kRdmaConnectMagic;
+  std::uint16_t version = kRdmaConnectVersion;
+  std::uint16_t reason = 0;
+};
+static_assert(sizeof(RdmaRejectData) == 8);
+
+// Size of every RECV buffer, and so the largest SEND (a control message is cut into pieces).
+inline constexpr std::uint32_t kRdmaMsgSize = 4096;
+
+std::array<std::byte, sizeof(RdmaConnectData)> encode(const RdmaConnectData& d);
+// Checks and decodes connect private data. Returns empty on success, else what is wrong.
+std::string decode_connect_data(std::span<const std::byte> in, RdmaConnectData* out);
+void reject_connect(rdma_cm_id* id, RdmaRejectReason reason);
+const char* describe(RdmaRejectReason reason);
+
+// Empty when `bytes` of memory may be registered (RLIMIT_MEMLOCK high enough, or the process
+// has CAP_IPC_LOCK); otherwise one sentence naming `what`, the limit and the exact settings.
+std::string memlock_problem(std::size_t bytes, const std::string& what);
+std::string memlock_problem(std::size_t bytes, const std::string& what, rlim_t limit, bool cap_ipc_lock);
+
+// Per target worker: for each RDMA device, a protection domain and the registration of the
+// worker's BufferPool. A registration is made once and shared by every connection on that
+// device; it lives while a connection uses it, so that a removed device can be released.
+class RdmaDeviceCache {
+ public:
+  struct Device {
+    Device(ibv_context* ctx, BufferPool* pool);
+    rdma::ProtectionDomain pd;
+    std::optional<rdma::MemoryRegion> pool_mr;  // the target's slots; none on the initiator
+  };
+  explicit RdmaDeviceCache(BufferPool& pool) : pool_(pool) {}
+  // Setup path: throws SystemError (e.g. the memlock limit) naming the device.
+  std::shared_ptr<Device> get(ibv_context* ctx);
+  unsigned registrations() const { return registrations_; }
+
+ private:
+  BufferPool& pool_;
+  std::map<ibv_context*, std::weak_ptr<Device>> devices_;
+  unsigned registrations_ = 0;
+};
+
+// Listens for RDMA CM connect requests on one address and port, on `io`'s thread. Requests
+// with bad private data are rejected here; good ones are handed over with their id migrated to
+// a new event channel of their own, so the chosen worker can take them over.
+class RdmaListener {
+ public:
+  struct Request {
+    rdma::EventChannel channel;
+    rdma::CmId id;
+    RdmaConnectData data;
+    std::string peer;
+  };
+  using OnRequest = std::function<void(Request&& req)>;
+  // Binds and listens; throws SystemError naming the address when it is not on an RDMA
+  // interface. port 0 picks a free one.
+  RdmaListener(boost::asio::io_context& io, const std::string& address, std::uint16_t port, OnRequest on_request);
+  ~RdmaListener();
+  RdmaListener(const RdmaListener&) = delete;
+  RdmaListener& operator=(const RdmaListener&) = delete;
+  std::uint16_t port() const;
+  // Stops listening; io thread.
+  void close();
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+// Target side: builds the QP for an accepted request on the calling (worker) thread; start()
+// accepts it. Slots come from `pool`, registered through `cache`. Throws SystemError.
+std::shared_ptr<ServerConnection> make_rdma_server_connection(boost::asio::io_context& io, RdmaListener::Request&& req,
+                                                              RdmaDeviceCache& cache, BufferPool& pool);
+
+struct RdmaConnectOptions {
+  unsigned queue_depth = 32;
+  std::uint32_t max_io = 1u << 20;
+  std::chrono::milliseconds connect_timeout{2500};  // address, route and connect, together
+  std::chrono::milliseconds call_timeout{10000};    // each control call afterwards
+};
+
+// Initiator side. Returns null when RDMA cannot carry this queue, with *why_not set to one
+// line a user understands (no device, address or route error, rejected, unreachable,
+// timeout, locked-memory limit).
+std::unique_ptr<ClientConnection> rdma_connect(boost::asio::io_context& io, const std::string& host,
+                                               std::uint16_t port, const RdmaConnectOptions& opts,
+                                               std::string* why_not);
+
+}  // namespace ibdisk::transport

@@ -85,6 +85,8 @@ class Client {
   // Runs completions until done() holds. Throws SystemError when a queue is lost.
   void run_until(const std::function<bool()>& done);
   unsigned in_flight() const;
+  // The loop run_until() runs: a caller may watch its own descriptors on it (initiator/attach).
+  boost::asio::io_context& io_context() { return io_; }
 
  private:
   Client() = default;

@@ -1,0 +1,921 @@
+#include "bench/remote.h"
+
+#include <netdb.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <thread>
+
+#include "bench/histogram.h"
+#include "common/error.h"
+#include "initiator/client.h"
+#include "setup/inventory.h"
+#include "transport/selftest.h"
+
+namespace ibdisk::bench {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using initiator::Client;
+
+constexpr std::uint16_t kBaselinePort = 7471;  // `ibdisk selftest --listen`'s default
+constexpr std::size_t kBaselineSize = 1 << 20;
+constexpr unsigned kBaselineIterations = 128;
+constexpr double kMiB = 1024.0 * 1024.0;
+
+struct WorkloadSpec {
+  const char* name;
+  Pattern pattern;
+  std::uint32_t block_size;
+};
+constexpr WorkloadSpec kWorkloads[] = {
+    {"seqread", Pattern::kRead, 1u << 20},
+    {"seqwrite", Pattern::kWrite, 1u << 20},
+    {"randread", Pattern::kRandRead, 4096},
+    {"randwrite", Pattern::kRandWrite, 4096},
+};
+
+double thread_cpu_seconds() {
+  rusage ru{};
+  ::getrusage(RUSAGE_THREAD, &ru);
+  const auto s = [](const timeval& tv) { return static_cast<double>(tv.tv_sec) + static_cast<double>(tv.tv_usec) / 1e6; };
+  return s(ru.ru_utime) + s(ru.ru_stime);
+}
+
+// utime + stime of a process from /proc/PID/stat, or -1 when it cannot be read.
+double process_cpu_seconds(int pid) {
+  if (pid <= 0) return -1;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (!std::getline(in, line)) return -1;
+  const auto close = line.rfind(')');  // the command name may hold spaces
+  if (close == std::string::npos) return -1;
+  std::istringstream rest(line.substr(close + 2));
+  std::string field;
+  unsigned long long utime = 0, stime = 0;
+  for (int i = 3; i <= 15 && rest >> field; ++i) {
+    if (i == 14) utime = std::strtoull(field.c_str(), nullptr, 10);
+    if (i == 15) stime = std::strtoull(field.c_str(), nullptr, 10);
+  }
+  return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
+}
+
+struct AlignedBuffer {
+  explicit AlignedBuffer(std::size_t n) : size(n) {
+    void* p = nullptr;
+    if (::posix_memalign(&p, 4096, n) != 0) throw SystemError("allocating " + std::to_string(n) + " bytes of bench buffers", ENOMEM, "lower --iodepth or --queues");
+    data = static_cast<std::byte*>(p);
+  }
+  ~AlignedBuffer() { std::free(data); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  std::byte* data = nullptr;
+  std::size_t size = 0;
+};
+
+std::uint64_t splitmix(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// The verify pattern: every 8-byte word is a function of its offset and the seed, so a block
+// written to or read from the wrong place, or not at all, cannot match.
+void fill_pattern(std::byte* p, std::uint64_t offset, std::size_t len, std::uint64_t seed) {
+  for (std::size_t i = 0; i + 8 <= len; i += 8) {
+    const std::uint64_t v = splitmix(seed ^ (offset + i));
+    std::memcpy(p + i, &v, 8);
+  }
+}
+
+// One workload: slots in flight over all queues, each resubmitted as it completes until the deadline.
+struct IoRun {
+  Client* client = nullptr;
+  std::uint32_t handle = 0;
+  Pattern pattern = Pattern::kRead;
+  std::uint32_t block_size = 0;
+  std::uint64_t blocks = 0, next_block = 0, rng = 1;
+  Clock::time_point deadline, last_done;
+  bool stopping = false;
+  unsigned active = 0;
+  LatencyHistogram latency;
+  double latency_sum_ns = 0;
+  std::uint64_t ios = 0, bytes = 0;
+  int error = 0;
+  std::uint64_t error_offset = 0;
+
+  struct Slot {
+    std::byte* buf = nullptr;
+    unsigned queue = 0;
+    Clock::time_point started;
+    std::uint64_t offset = 0;
+  };
+
+  std::uint64_t next_offset() {
+    if (pattern == Pattern::kRead || pattern == Pattern::kWrite) {
+      const std::uint64_t b = next_block;
+      next_block = next_block + 1 == blocks ? 0 : next_block + 1;
+      return b * block_size;
+    }
+    rng ^= rng >> 12;  // xorshift64*
+    rng ^= rng << 25;
+    rng ^= rng >> 27;
+    return (rng * 0x2545F4914F6CDD1Dull) % blocks * block_size;
+  }
+
+  void issue(Slot& s) {
+    s.offset = next_offset();
+    s.started = Clock::now();
+    auto done = [this, &s](int status) { complete(s, status); };
+    if (is_write(pattern)) {
+      client->write(s.queue, handle, s.offset, block_size, s.buf, 0, done);
+    } else {
+      client->read(s.queue, handle, s.offset, block_size, s.buf, done);
+    }
+  }
+
+  void complete(Slot& s, int status) {
+    const auto now = Clock::now();
+    last_done = now;
+    if (status < 0) {
+      if (error == 0) {
+        error = -status;
+        error_offset = s.offset;
+      }
+      stopping = true;
+    } else {
+      const auto ns = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now - s.started).count());
+      latency.record(ns);
+      latency_sum_ns += static_cast<double>(ns);
+      ++ios;
+      bytes += block_size;
+    }
+    if (stopping || now >= deadline) {
+      stopping = true;
+      --active;
+      return;
+    }
+    issue(s);
+  }
+};
+
+WorkloadResult run_workload(Client& client, std::uint32_t handle, std::uint64_t size, const std::string& name,
+                            Pattern pattern, std::uint32_t block_size, unsigned in_flight, const RemoteOptions& opts,
+                            const std::function<void(double)>& progress) {
+  WorkloadResult w;
+  w.name = name;
+  w.pattern = pattern;
+  w.block_size = block_size;
+  w.in_flight = in_flight;
+  AlignedBuffer buffers(static_cast<std::size_t>(block_size) * in_flight);
+  if (is_write(pattern)) fill_pattern(buffers.data, opts.seed << 32, buffers.size, opts.seed);  // incompressible
+
+  IoRun run;
+  run.client = &client;
+  run.handle = handle;
+  run.pattern = pattern;
+  run.block_size = block_size;
+  run.blocks = size / block_size;
+  run.rng = opts.seed * 0x9E3779B97F4A7C15ull + 1;
+  std::vector<IoRun::Slot> slots(in_flight);
+  for (unsigned i = 0; i < in_flight; ++i) {
+    slots[i].buf = buffers.data + static_cast<std::size_t>(i) * block_size;
+    slots[i].queue = i % client.queue_count();
+  }
+
+  const double server0 = process_cpu_seconds(opts.server_pid);
+  const double client0 = thread_cpu_seconds();
+  const auto start = Clock::now();
+  const auto runtime = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.runtime_s));
+  run.deadline = start + runtime;
+  run.last_done = start;
+  for (auto& s : slots) {
+    ++run.active;
+    run.issue(s);
+  }
+  client.run_until([&] {
+    if (progress) progress(std::min(1.0, std::chrono::duration<double>(Clock::now() - start) / runtime));
+    return run.active == 0;
+  });
+  const double client1 = thread_cpu_seconds();
+  const double server1 = process_cpu_seconds(opts.server_pid);
+
+  if (run.error != 0) {
+    throw SystemError(std::string(name) + " over " + client.transport(0) + ": " + (is_write(pattern) ? "write" : "read") +
+                          " of " + std::to_string(block_size) + " bytes at offset " + std::to_string(run.error_offset) +
+                          " of export " + opts.export_name,
+                      run.error, "check the target's log");
+  }
+  w.ios = run.ios;
+  w.bytes = run.bytes;
+  w.seconds = std::chrono::duration<double>(run.last_done - start).count();
+  if (w.seconds > 0) {
+    w.mb_s = static_cast<double>(w.bytes) / w.seconds / 1e6;
+    w.iops = static_cast<double>(w.ios) / w.seconds;
+    w.client_cpu_percent = 100 * (client1 - client0) / w.seconds;
+    if (server0 >= 0 && server1 >= 0) w.server_cpu_percent = 100 * (server1 - server0) / w.seconds;
+  }
+  const auto us = [](std::uint64_t ns) { return static_cast<double>(ns) / 1000.0; };
+  w.latency.min_us = us(run.latency.min());
+  w.latency.mean_us = run.ios ? run.latency_sum_ns / static_cast<double>(run.ios) / 1000.0 : 0;
+  w.latency.p50_us = us(run.latency.quantile(0.50));
+  w.latency.p99_us = us(run.latency.quantile(0.99));
+  w.latency.p999_us = us(run.latency.quantile(0.999));
+  w.latency.max_us = us(run.latency.max());
+  return w;
+}
+
+// Writes the pattern over [0, bytes), flushes, reads it back and compares block by block.
+VerifyResult run_verify(Client& client, std::uint32_t handle, std::uint64_t bytes, unsigned in_flight,
+                        std::uint64_t seed) {
+  VerifyResult v;
+  v.ran = true;
+  const std::uint32_t block = std::min<std::uint32_t>(client.max_io(), 1u << 20);
+  bytes = bytes / block * block;
+  v.bytes = bytes;
+  v.blocks = bytes / block;
+  AlignedBuffer buffers(static_cast<std::size_t>(block) * in_flight);
+  AlignedBuffer expected(block);
+  for (const bool writing : {true, false}) {
+    std::vector<std::byte*> free;
+    for (unsigned i = 0; i < in_flight; ++i) free.push_back(buffers.data + static_cast<std::size_t>(i) * block);
+    std::uint64_t next = 0, done = 0;
+    unsigned rr = 0;
+    std::function<void()> fill = [&] {
+      while (v.error.empty() && !free.empty() && next < bytes) {
+        std::byte* buf = free.back();
+        free.pop_back();
+        const std::uint64_t off = next;
+        next += block;
+        auto finish = [&, buf, off](int st) {
+          if (st < 0 && v.error.empty()) {
+            v.error = std::string(writing ? "writing" : "reading") + " the pattern at offset " + std::to_string(off) +
+                      ": " + errno_text(-st);
+          }
+          if (st == 0 && !writing) {
+            fill_pattern(expected.data, off, block, seed);
+            if (std::memcmp(expected.data, buf, block) != 0) {
+              if (v.bad_blocks == 0) v.first_bad_offset = off;
+              ++v.bad_blocks;
+            }
+          }
+          ++done;
+          free.push_back(buf);
+          fill();
+        };
+        const unsigned q = rr++ % client.queue_count();
+        if (writing) {
+          fill_pattern(buf, off, block, seed);
+          client.write(q, handle, off, block, buf, 0, finish);
+        } else {
+          std::memset(buf, 0, block);  // a read that moves no data must not pass on stale buffers
+          client.read(q, handle, off, block, buf, finish);
+        }
+      }
+    };
+    fill();
+    client.run_until([&] { return (!v.error.empty() || done * block >= bytes) && client.in_flight() == 0; });
+    if (!v.error.empty()) break;
+    if (writing) {
+      bool flushed = false;
+      client.flush(0, handle, [&](int st) {
+        if (st < 0) v.error = std::string("flushing after the pattern: ") + errno_text(-st);
+        flushed = true;
+      });
+      client.run_until([&] { return flushed; });
+      if (!v.error.empty()) break;
+    }
+  }
+  return v;
+}
+
+bool is_local_address(const std::string& host) {
+  addrinfo hints{};
+  hints.ai_socktype = SOCK_DGRAM;
+  addrinfo* res = nullptr;
+  if (::getaddrinfo(host.c_str(), nullptr, &hints, &res) != 0) return false;
+  bool local = false;
+  for (addrinfo* a = res; a && !local; a = a->ai_next) {
+    const int fd = ::socket(a->ai_family, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) continue;
+    local = ::bind(fd, a->ai_addr, a->ai_addrlen) == 0;  // port 0: binds only to this host's own addresses
+    ::close(fd);
+  }
+  ::freeaddrinfo(res);
+  return local;
+}
+
+Baseline baseline_from(const SelftestReport& rep, const std::string& transport, const std::string& peer) {
+  Baseline b;
+  b.transport = transport;
+  b.peer = peer;
+  b.write_mb_s = rep.write_mib_s * kMiB / 1e6;
+  b.read_mb_s = rep.read_mib_s * kMiB / 1e6;
+  b.checksums_match = rep.checksums_match;
+  if (!rep.checksums_match) b.skipped = "the self-test's checksums differ: the link corrupts data, its figures are not used";
+  return b;
+}
+
+// One transport's self-test against an in-process server on HOST. A client that fails leaves the
+// server waiting: its thread is then detached, owning the server.
+template <typename Server, typename ClientFn>
+Baseline local_baseline(const std::string& transport, const std::string& host, ClientFn client_fn) {
+  Baseline b;
+  b.transport = transport;
+  b.peer = host + " (in-process self-test server)";
+  SelftestOptions so;
+  so.address = host;
+  so.port = transport == "tcp" ? 0 : kBaselinePort;
+  so.size = kBaselineSize;
+  so.iterations = kBaselineIterations;
+  std::shared_ptr<Server> server;
+  try {
+    server = std::make_shared<Server>(so);
+  } catch (const std::exception& e) {
+    b.skipped = std::string("cannot listen for the ") + transport + " self-test on " + host + ": " + e.what();
+    return b;
+  }
+  if constexpr (std::is_same_v<Server, TcpSelftestServer>) so.port = server->port();
+  std::thread serving([server] { server->serve(1); });
+  try {
+    b = baseline_from(client_fn(so), transport, b.peer);
+    serving.join();
+  } catch (const std::exception& e) {
+    b.skipped = std::string("the ") + transport + " self-test failed: " + e.what();
+    serving.detach();
+  }
+  return b;
+}
+
+std::vector<Baseline> run_baselines(const RemoteOptions& opts) {
+  std::vector<Baseline> out;
+  const bool want_rdma = std::find(opts.transports.begin(), opts.transports.end(), "rdma") != opts.transports.end();
+  const bool want_tcp = std::find(opts.transports.begin(), opts.transports.end(), "tcp") != opts.transports.end();
+  if (!opts.baseline_peer.empty()) {
+    std::string host;
+    std::uint16_t port = kBaselinePort;
+    initiator::parse_host_port(opts.baseline_peer, &host, &port);
+    SelftestOptions so;
+    so.address = host;
+    so.port = port;
+    so.size = kBaselineSize;
+    so.iterations = kBaselineIterations;
+    const auto remote = [&](const std::string& t, SelftestReport (*fn)(const SelftestOptions&)) {
+      try {
+        out.push_back(baseline_from(fn(so), t, opts.baseline_peer));
+      } catch (const std::exception& e) {
+        Baseline b;
+        b.transport = t;
+        b.peer = opts.baseline_peer;
+        b.skipped = std::string("the ") + t + " self-test against " + opts.baseline_peer + " failed: " + e.what() +
+                    " (is `ibdisk selftest --listen` running there with --transport " + t + "?)";
+        out.push_back(b);
+      }
+    };
+    if (want_rdma) remote("rdma", &rdma_selftest_client);
+    if (want_tcp) remote("tcp", &tcp_selftest_client);
+    return out;
+  }
+  if (!is_local_address(opts.host)) {
+    for (const char* t : {"rdma", "tcp"}) {
+      if ((std::string(t) == "rdma" && !want_rdma) || (std::string(t) == "tcp" && !want_tcp)) continue;
+      Baseline b;
+      b.transport = t;
+      b.skipped = "no baseline peer: run `ibdisk selftest --listen` on " + opts.host + " and give --baseline-peer " +
+                  opts.host;
+      out.push_back(b);
+    }
+    return out;
+  }
+  if (want_rdma) out.push_back(local_baseline<RdmaSelftestServer>("rdma", opts.host, &rdma_selftest_client));
+  if (want_tcp) out.push_back(local_baseline<TcpSelftestServer>("tcp", opts.host, &tcp_selftest_client));
+  return out;
+}
+
+const Baseline* baseline_for(const RemoteReport& r, const std::string& transport) {
+  for (const auto& b : r.baselines) {
+    if (b.transport == transport && b.skipped.empty()) return &b;
+  }
+  return nullptr;
+}
+
+void apply_fractions(RemoteReport& r) {
+  for (auto& t : r.transports) {
+    const Baseline* b = baseline_for(r, t.name);
+    if (!b) continue;
+    for (auto* list : {&t.workloads, &t.sweep}) {
+      for (auto& w : *list) {
+        const double link = is_write(w.pattern) ? b->write_mb_s : b->read_mb_s;
+        if (w.skipped.empty() && link > 0) w.link_fraction = w.mb_s / link;
+      }
+    }
+  }
+}
+
+TransportResult run_transport(const RemoteOptions& opts, const std::string& transport, double step0, double steps,
+                              const RemoteProgress& progress) {
+  TransportResult t;
+  t.name = transport;
+  const unsigned sweep_max = opts.qd_sweep.empty() ? 1 : *std::max_element(opts.qd_sweep.begin(), opts.qd_sweep.end());
+  initiator::ClientOptions co;
+  co.host = opts.host;
+  co.port = opts.port;
+  co.key_file = opts.key_file;
+  co.queues = opts.queues;
+  co.queue_depth = std::max(opts.iodepth, (sweep_max + opts.queues - 1) / opts.queues);
+  co.timeout = opts.timeout;
+  co.transport = transport;
+  co.client_name = "ibdisk-bench";
+  std::unique_ptr<Client> client;
+  try {
+    client = Client::connect(co);
+  } catch (const std::exception& e) {
+    t.skipped = std::string("cannot connect over ") + transport + ": " + e.what();
+    return t;
+  }
+  if (client->transport(0) != transport) {
+    t.skipped = "the session runs over " + client->transport(0) + ", not " + transport;
+    return t;
+  }
+  t.queues = client->queue_count();
+  t.queue_depth = client->queue_depth(0);
+  const proto::Opened opened = client->open(opts.export_name, !opts.allow_write);
+  t.export_size = opened.info().size();
+  if (opts.size > t.export_size) {
+    throw SystemError("bench " + opts.host + "/" + opts.export_name,
+                      "--size " + std::to_string(opts.size) + " is larger than the export (" +
+                          std::to_string(t.export_size) + " bytes)",
+                      "give a smaller --size");
+  }
+  t.used_size = opts.size ? opts.size : t.export_size;
+  if (t.used_size < (1u << 20)) {
+    throw SystemError("bench " + opts.host + "/" + opts.export_name,
+                      "the area measured is " + std::to_string(t.used_size) + " bytes, less than one 1 MiB block",
+                      "use an export or --size of at least 1 MiB");
+  }
+  double step = step0;
+  const auto sub = [&](const std::string& what) {
+    return [&, what](double f) {
+      if (progress) progress(transport + " " + what, (step + f) / steps);
+    };
+  };
+  for (const auto& spec : kWorkloads) {
+    if (is_write(spec.pattern) && !opts.allow_write) {
+      WorkloadResult w;
+      w.name = spec.name;
+      w.pattern = spec.pattern;
+      w.block_size = spec.block_size;
+      w.skipped = "writes overwrite the export's data: add --allow-write to run them";
+      t.workloads.push_back(w);
+      step += 1;
+      continue;
+    }
+    const std::uint32_t bs = std::min(spec.block_size, client->max_io());
+    t.workloads.push_back(run_workload(*client, opened.handle(), t.used_size, spec.name, spec.pattern, bs,
+                                       opts.iodepth * t.queues, opts, sub(spec.name)));
+    step += 1;
+  }
+  for (const unsigned qd : opts.qd_sweep) {
+    t.sweep.push_back(run_workload(*client, opened.handle(), t.used_size, "randread", Pattern::kRandRead, 4096, qd, opts,
+                                   sub("randread qd " + std::to_string(qd))));
+    step += 1;
+  }
+  if (opts.verify) {
+    if (progress) progress(transport + " verify", step / steps);
+    t.verify = run_verify(*client, opened.handle(), std::min(opts.verify_bytes, t.used_size),
+                          std::max(1u, opts.iodepth * t.queues), opts.seed + (transport == "rdma" ? 1 : 2));
+  }
+  return t;
+}
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+std::string json_str(const std::string& s) {
+  std::string out = "\"";
+  for (const char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string html_escape(const std::string& s) {
+  std::string out;
+  for (const char c : s) {
+    switch (c) {
+      case '<': out += "&lt;"; break;
+      case '>': out += "&gt;"; break;
+      case '&': out += "&amp;"; break;
+      case '"': out += "&quot;"; break;
+      default: out += c;
+    }
+  }
+  return out;
+}
+
+std::string workload_json(const WorkloadResult& w) {
+  std::string s = "{\"name\": " + json_str(w.name) + ", \"rw\": " + json_str(pattern_name(w.pattern)) +
+                  ", \"bs\": " + std::to_string(w.block_size);
+  if (!w.skipped.empty()) return s + ", \"skipped\": " + json_str(w.skipped) + "}";
+  s += ", \"in_flight\": " + std::to_string(w.in_flight) + ", \"ios\": " + std::to_string(w.ios) +
+       ", \"bytes\": " + std::to_string(w.bytes) + ", \"seconds\": " + fmt("%.6f", w.seconds) +
+       ", \"mb_s\": " + fmt("%.3f", w.mb_s) + ", \"iops\": " + fmt("%.1f", w.iops) +
+       ", \"latency_us\": {\"min\": " + fmt("%.2f", w.latency.min_us) + ", \"mean\": " + fmt("%.2f", w.latency.mean_us) +
+       ", \"p50\": " + fmt("%.2f", w.latency.p50_us) + ", \"p99\": " + fmt("%.2f", w.latency.p99_us) +
+       ", \"p99.9\": " + fmt("%.2f", w.latency.p999_us) + ", \"max\": " + fmt("%.2f", w.latency.max_us) +
+       "}, \"cpu\": {\"client_percent\": " + fmt("%.1f", w.client_cpu_percent) + ", \"server_percent\": " +
+       (w.server_cpu_percent < 0 ? std::string("null") : fmt("%.1f", w.server_cpu_percent)) +
+       "}, \"link_fraction\": " + (w.link_fraction < 0 ? std::string("null") : fmt("%.4f", w.link_fraction)) + "}";
+  return s;
+}
+
+std::string pct(double f) { return f < 0 ? "-" : fmt("%.0f%%", f * 100); }
+
+}  // namespace
+
+bool RemoteReport::ok() const {
+  bool any = false;
+  for (const auto& t : transports) {
+    if (!t.skipped.empty()) continue;
+    any = true;
+    if (options.verify && !t.verify.ok()) return false;
+  }
+  return any;
+}
+
+RemoteReport run_remote(const RemoteOptions& opts, const RemoteProgress& progress) {
+  const std::string what = "bench " + opts.host + "/" + opts.export_name;
+  if (opts.verify && !opts.allow_write) {
+    throw SystemError(what + " --verify", std::string("the verify pass writes a pattern over the export's data"),
+                      "add --allow-write if the export's data may be destroyed");
+  }
+  if (opts.queues == 0 || opts.iodepth == 0) throw SystemError(what, std::string("--queues and --iodepth must be at least 1"), "give positive values");
+  for (const auto& t : opts.transports) {
+    if (t != "rdma" && t != "tcp") throw SystemError(what, "transport '" + t + "' is unknown", "give --transports rdma,tcp or one of them");
+  }
+  RemoteReport r;
+  r.options = opts;
+  r.environment = environment_summary();
+  if (opts.baselines) {
+    if (progress) progress("link baselines", 0);
+    r.baselines = run_baselines(opts);
+  }
+  const double per_transport = static_cast<double>(std::size(kWorkloads) + opts.qd_sweep.size() + (opts.verify ? 1 : 0));
+  const double steps = per_transport * static_cast<double>(opts.transports.size());
+  double step = 0;
+  for (const auto& t : opts.transports) {
+    r.transports.push_back(run_transport(opts, t, step, steps, progress));
+    step += per_transport;
+  }
+  apply_fractions(r);
+  if (progress) progress("done", 1);
+  return r;
+}
+
+std::vector<std::pair<std::string, std::string>> environment_summary() {
+  std::vector<std::pair<std::string, std::string>> env;
+  char name[256] = {};
+  ::gethostname(name, sizeof name - 1);
+  env.emplace_back("host", name);
+  setup::Inventory inv;
+  try {
+    inv = setup::read_inventory(setup::Root("/"));
+  } catch (const std::exception& e) {
+    env.emplace_back("inventory", std::string("unavailable: ") + e.what());
+    return env;
+  }
+  if (inv.devices.empty()) env.emplace_back("RDMA devices", "none");
+  for (const auto& d : inv.devices) {
+    std::string v = d.soft_roce ? "Soft-RoCE on " + d.parent : (d.hca_type.empty() ? d.node_type : d.hca_type);
+    if (!d.fw_ver.empty()) v += ", firmware " + d.fw_ver;
+    if (d.pci) {
+      v += ", PCIe " + fmt("%.1f", d.pci->cur_speed_gts) + " GT/s x" + std::to_string(d.pci->cur_width) + " (card: " +
+           fmt("%.1f", d.pci->max_speed_gts) + " GT/s x" + std::to_string(d.pci->max_width) + ")";
+      if (!d.pci->model.empty()) v += ", " + d.pci->model;
+    }
+    env.emplace_back("device " + d.name, v);
+    for (const auto& p : d.ports) {
+      std::string pv = p.state + ", " + p.link_layer + ", " + p.rate;
+      if (const setup::NetDevice* n = inv.netdev(p.netdev)) {
+        pv += ", netdev " + n->name + " MTU " + std::to_string(n->mtu);
+        if (n->is_ipoib()) pv += ", IPoIB " + (n->mode.empty() ? std::string("mode unknown") : n->mode);
+      }
+      env.emplace_back("  port " + d.name + "/" + std::to_string(p.number), pv);
+    }
+  }
+  for (const auto& n : inv.netdevs) {
+    if (!n.is_ipoib()) continue;
+    env.emplace_back("IPoIB " + n.name, "mode " + n.mode + ", MTU " + std::to_string(n.mtu));
+  }
+  return env;
+}
+
+std::string remote_json(const RemoteReport& r) {
+  const auto& o = r.options;
+  std::string s = "{\"mode\": \"remote\", \"target\": " +
+                  json_str(o.host + ":" + std::to_string(o.port) + "/" + o.export_name) + ",\n";
+  s += " \"options\": {\"runtime_s\": " + fmt("%.3f", o.runtime_s) + ", \"size\": " + std::to_string(o.size) +
+       ", \"queues\": " + std::to_string(o.queues) + ", \"iodepth\": " + std::to_string(o.iodepth) +
+       ", \"allow_write\": " + (o.allow_write ? "true" : "false") + ", \"verify\": " + (o.verify ? "true" : "false") +
+       ", \"qd_sweep\": [";
+  for (std::size_t i = 0; i < o.qd_sweep.size(); ++i) s += (i ? ", " : "") + std::to_string(o.qd_sweep[i]);
+  s += "]},\n \"environment\": {";
+  for (std::size_t i = 0; i < r.environment.size(); ++i) {
+    s += (i ? ", " : "") + json_str(r.environment[i].first) + ": " + json_str(r.environment[i].second);
+  }
+  s += "},\n \"baselines\": [";
+  for (std::size_t i = 0; i < r.baselines.size(); ++i) {
+    const auto& b = r.baselines[i];
+    s += std::string(i ? "," : "") + "\n  {\"transport\": " + json_str(b.transport) + ", \"peer\": " + json_str(b.peer);
+    if (!b.skipped.empty()) {
+      s += ", \"skipped\": " + json_str(b.skipped) + "}";
+    } else {
+      s += ", \"write_mb_s\": " + fmt("%.3f", b.write_mb_s) + ", \"read_mb_s\": " + fmt("%.3f", b.read_mb_s) +
+           ", \"checksums_match\": " + (b.checksums_match ? "true" : "false") + "}";
+    }
+  }
+  s += "],\n \"transports\": [";
+  for (std::size_t i = 0; i < r.transports.size(); ++i) {
+    const auto& t = r.transports[i];
+    s += std::string(i ? "," : "") + "\n  {\"name\": " + json_str(t.name);
+    if (!t.skipped.empty()) {
+      s += ", \"skipped\": " + json_str(t.skipped) + "}";
+      continue;
+    }
+    s += ", \"queues\": " + std::to_string(t.queues) + ", \"queue_depth\": " + std::to_string(t.queue_depth) +
+         ", \"export_size\": " + std::to_string(t.export_size) + ", \"used_size\": " + std::to_string(t.used_size) +
+         ",\n   \"workloads\": [";
+    for (std::size_t j = 0; j < t.workloads.size(); ++j) s += (j ? ",\n    " : "\n    ") + workload_json(t.workloads[j]);
+    s += "],\n   \"qd_sweep\": [";
+    for (std::size_t j = 0; j < t.sweep.size(); ++j) s += (j ? ",\n    " : "\n    ") + workload_json(t.sweep[j]);
+    s += "]";
+    if (t.verify.ran) {
+      s += ",\n   \"verify\": {\"bytes\": " + std::to_string(t.verify.bytes) + ", \"blocks\": " +
+           std::to_string(t.verify.blocks) + ", \"bad_blocks\": " + std::to_string(t.verify.bad_blocks) +
+           ", \"first_bad_offset\": " + (t.verify.bad_blocks ? std::to_string(t.verify.first_bad_offset) : "null") +
+           ", \"error\": " + (t.verify.error.empty() ? "null" : json_str(t.verify.error)) +
+           ", \"ok\": " + (t.verify.ok() ? "true" : "false") + "}";
+    }
+    s += "}";
+  }
+  s += "],\n \"ok\": " + std::string(r.ok() ? "true" : "false") + "}\n";
+  return s;
+}
+
+std::string remote_text(const RemoteReport& r) {
+  std::string s;
+  char line[512];
+  s += "ibdisk bench " + r.options.host + ":" + std::to_string(r.options.port) + "/" + r.options.export_name + "\n";
+  s += "link baselines (ibdisk self-test, 1 MiB transfers):\n";
+  if (r.baselines.empty()) s += "  none (--no-baselines)\n";
+  for (const auto& b : r.baselines) {
+    if (!b.skipped.empty()) {
+      s += "  " + b.transport + ": skipped: " + b.skipped + "\n";
+    } else {
+      std::snprintf(line, sizeof line, "  %-4s  write %.1f MB/s  read %.1f MB/s  (%s)\n", b.transport.c_str(),
+                    b.write_mb_s, b.read_mb_s, b.peer.c_str());
+      s += line;
+    }
+  }
+  std::snprintf(line, sizeof line, "\n%-5s %-10s %7s %5s %10s %10s %8s %8s %8s %8s %9s %6s %6s %6s\n", "link",
+                "workload", "bs", "qd", "MB/s", "IOPS", "min us", "p50 us", "p99 us", "p99.9 us", "max us", "cli%",
+                "srv%", "link%");
+  s += line;
+  for (const auto& t : r.transports) {
+    if (!t.skipped.empty()) {
+      s += t.name + ": skipped: " + t.skipped + "\n";
+      continue;
+    }
+    const auto row = [&](const WorkloadResult& w, const std::string& label) {
+      if (!w.skipped.empty()) {
+        std::snprintf(line, sizeof line, "%-5s %-10s skipped: %s\n", t.name.c_str(), label.c_str(), w.skipped.c_str());
+      } else {
+        std::snprintf(line, sizeof line, "%-5s %-10s %7s %5u %10.1f %10.0f %8.1f %8.1f %8.1f %8.1f %9.1f %6.0f %6s %6s\n",
+                      t.name.c_str(), label.c_str(),
+                      w.block_size >= (1u << 20) ? (std::to_string(w.block_size >> 20) + "M").c_str()
+                                                 : (std::to_string(w.block_size >> 10) + "K").c_str(),
+                      w.in_flight, w.mb_s, w.iops, w.latency.min_us, w.latency.p50_us, w.latency.p99_us,
+                      w.latency.p999_us, w.latency.max_us, w.client_cpu_percent,
+                      w.server_cpu_percent < 0 ? "-" : fmt("%.0f", w.server_cpu_percent).c_str(),
+                      pct(w.link_fraction).c_str());
+      }
+      s += line;
+    };
+    for (const auto& w : t.workloads) row(w, w.name);
+    for (const auto& w : t.sweep) row(w, "sweep");
+    if (t.verify.ran) {
+      if (t.verify.ok()) {
+        s += t.name + ": verify: " + std::to_string(t.verify.blocks) + " blocks (" + std::to_string(t.verify.bytes) +
+             " bytes) written and read back, all match\n";
+      } else if (!t.verify.error.empty()) {
+        s += t.name + ": verify FAILED: " + t.verify.error + "\n";
+      } else {
+        s += t.name + ": verify FAILED: " + std::to_string(t.verify.bad_blocks) + " of " +
+             std::to_string(t.verify.blocks) + " blocks differ, the first at offset " +
+             std::to_string(t.verify.first_bad_offset) + "\n";
+      }
+    }
+  }
+  s += "(srv%: the target's CPU, given --server-pid; link%: MB/s as a fraction of the baseline in the same direction)\n";
+  return s;
+}
+
+namespace {
+
+const char* kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"};
+
+// Grouped bar chart: one group per label, one bar per series; log scale when asked.
+std::string bar_chart(const std::string& title, const std::string& unit, const std::vector<std::string>& groups,
+                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values, bool log) {
+  const double w = 1100, h = 380, left = 70, bottom = 60, top = 40, right = 160;
+  double vmax = 0, vmin = 1e300;
+  for (const auto& row : values) {
+    for (const double v : row) {
+      if (v > 0) vmax = std::max(vmax, v), vmin = std::min(vmin, v);
+    }
+  }
+  if (vmax <= 0) vmax = 1, vmin = 1;
+  double lo = 0, hi = vmax * 1.1;
+  if (log) lo = std::floor(std::log10(vmin)), hi = std::ceil(std::log10(vmax * 1.01));
+  if (log && hi <= lo) hi = lo + 1;
+  const auto ypos = [&](double v) {
+    const double f = log ? (v > 0 ? (std::log10(v) - lo) / (hi - lo) : 0) : v / hi;
+    return top + (h - top - bottom) * (1 - std::clamp(f, 0.0, 1.0));
+  };
+  std::string s = "<svg xmlns='http://www.w3.org/2000/svg' width='" + fmt("%.0f", w) + "' height='" + fmt("%.0f", h) +
+                  "' font-family='sans-serif' font-size='12'>";
+  s += "<text x='" + fmt("%.0f", w / 2) + "' y='20' text-anchor='middle' font-size='15'>" + html_escape(title) + "</text>";
+  for (int i = 0; i <= 4; ++i) {
+    const double v = log ? std::pow(10, lo + (hi - lo) * i / 4) : hi * i / 4;
+    const double y = ypos(v);
+    s += "<line x1='" + fmt("%.0f", left) + "' x2='" + fmt("%.0f", w - right) + "' y1='" + fmt("%.1f", y) + "' y2='" +
+         fmt("%.1f", y) + "' stroke='#ddd'/>";
+    s += "<text x='" + fmt("%.0f", left - 5) + "' y='" + fmt("%.1f", y + 4) + "' text-anchor='end'>" +
+         fmt(v >= 100 ? "%.0f" : "%.3g", v) + "</text>";
+  }
+  s += "<text x='15' y='" + fmt("%.0f", h / 2) + "' transform='rotate(-90 15 " + fmt("%.0f", h / 2) +
+       ")' text-anchor='middle'>" + html_escape(unit) + "</text>";
+  const double gw = (w - left - right) / std::max<std::size_t>(1, groups.size());
+  const double bw = gw * 0.8 / std::max<std::size_t>(1, series.size());
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    const double gx = left + gw * static_cast<double>(g) + gw * 0.1;
+    for (std::size_t k = 0; k < series.size(); ++k) {
+      const double v = g < values.size() && k < values[g].size() ? values[g][k] : 0;
+      if (v <= 0) continue;
+      const double y = ypos(v), x = gx + bw * static_cast<double>(k);
+      s += "<rect x='" + fmt("%.1f", x) + "' y='" + fmt("%.1f", y) + "' width='" + fmt("%.1f", bw * 0.92) +
+           "' height='" + fmt("%.1f", h - bottom - y) + "' fill='" + kColors[k % std::size(kColors)] + "'><title>" +
+           html_escape(groups[g] + " " + series[k] + ": " + fmt("%.1f", v) + " " + unit) + "</title></rect>";
+    }
+    s += "<text x='" + fmt("%.1f", gx + gw * 0.4) + "' y='" + fmt("%.0f", h - bottom + 16) + "' text-anchor='middle'>" +
+         html_escape(groups[g]) + "</text>";
+  }
+  for (std::size_t k = 0; k < series.size(); ++k) {
+    const double y = top + 18 * static_cast<double>(k);
+    s += "<rect x='" + fmt("%.0f", w - right + 15) + "' y='" + fmt("%.0f", y) + "' width='12' height='12' fill='" +
+         kColors[k % std::size(kColors)] + "'/><text x='" + fmt("%.0f", w - right + 32) + "' y='" + fmt("%.0f", y + 10) +
+         "'>" + html_escape(series[k]) + "</text>";
+  }
+  return s + "</svg>";
+}
+
+}  // namespace
+
+std::string remote_html(const RemoteReport& r) {
+  const std::string title = "ibdisk bench " + r.options.host + ":" + std::to_string(r.options.port) + "/" + r.options.export_name;
+  std::string s = "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html_escape(title) +
+                  "</title><style>body{font-family:sans-serif;margin:20px}table{border-collapse:collapse;margin:10px 0}"
+                  "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f0f0f0}"
+                  "td.l{text-align:left}.bad{color:#b00;font-weight:bold}.ok{color:#070}</style></head><body>\n";
+  s += "<h1>" + html_escape(title) + "</h1>\n";
+  s += std::string("<p class='") + (r.ok() ? "ok'>result: ok" : "bad'>result: FAILED") + "</p>\n";
+
+  std::vector<std::string> groups, series;
+  for (const auto& spec : kWorkloads) groups.push_back(spec.name);
+  for (const auto& t : r.transports) {
+    if (t.skipped.empty()) series.push_back(t.name);
+  }
+  std::vector<std::vector<double>> mbs(groups.size()), iops(groups.size());
+  for (std::size_t g = 0; g < groups.size(); ++g) {
+    for (const auto& t : r.transports) {
+      if (!t.skipped.empty()) continue;
+      double v = 0, io = 0;
+      for (const auto& w : t.workloads) {
+        if (w.name == groups[g] && w.skipped.empty()) v = w.mb_s, io = w.iops;
+      }
+      mbs[g].push_back(v);
+      iops[g].push_back(io);
+    }
+  }
+  // Baselines as extra series on the throughput chart, so the bars show the fraction at a glance.
+  for (const auto& b : r.baselines) {
+    if (!b.skipped.empty()) continue;
+    series.push_back(b.transport + " link baseline");
+    for (std::size_t g = 0; g < groups.size(); ++g) mbs[g].push_back(is_write(kWorkloads[g].pattern) ? b.write_mb_s : b.read_mb_s);
+  }
+  s += bar_chart("Throughput by workload and transport", "MB/s", groups, series, mbs, false) + "\n";
+  std::vector<std::string> tseries(series.begin(), series.begin() + static_cast<long>(iops.empty() ? 0 : iops[0].size()));
+  s += bar_chart("IOPS by workload and transport", "IOPS", groups, tseries, iops, true) + "\n";
+
+  std::vector<std::string> lgroups, lseries = {"min", "p50", "p99", "p99.9", "max"};
+  std::vector<std::vector<double>> lat;
+  for (const auto& t : r.transports) {
+    for (const auto& w : t.workloads) {
+      if (!w.skipped.empty()) continue;
+      lgroups.push_back(t.name + " " + w.name);
+      lat.push_back({w.latency.min_us, w.latency.p50_us, w.latency.p99_us, w.latency.p999_us, w.latency.max_us});
+    }
+  }
+  s += bar_chart("Latency percentiles", "microseconds (log scale)", lgroups, lseries, lat, true) + "\n";
+
+  std::vector<std::string> sgroups, sseries;
+  for (const unsigned qd : r.options.qd_sweep) sgroups.push_back("qd " + std::to_string(qd));
+  std::vector<std::vector<double>> sweep(sgroups.size());
+  for (const auto& t : r.transports) {
+    if (!t.skipped.empty()) continue;
+    sseries.push_back(t.name + " IOPS");
+    for (std::size_t i = 0; i < sgroups.size(); ++i) sweep[i].push_back(i < t.sweep.size() ? t.sweep[i].iops : 0);
+  }
+  s += bar_chart("Queue-depth sweep: 4 KiB random reads", "IOPS", sgroups, sseries, sweep, false) + "\n";
+
+  s += "<h2>Results</h2><table><tr><th>transport</th><th>workload</th><th>bs</th><th>in flight</th><th>MB/s</th>"
+       "<th>IOPS</th><th>min us</th><th>p50 us</th><th>p99 us</th><th>p99.9 us</th><th>max us</th><th>client CPU %</th>"
+       "<th>target CPU %</th><th>of link</th></tr>\n";
+  for (const auto& t : r.transports) {
+    if (!t.skipped.empty()) {
+      s += "<tr><td class='l'>" + html_escape(t.name) + "</td><td class='l' colspan='13'>skipped: " +
+           html_escape(t.skipped) + "</td></tr>\n";
+      continue;
+    }
+    const auto row = [&](const WorkloadResult& w, const std::string& label) {
+      if (!w.skipped.empty()) {
+        s += "<tr><td class='l'>" + t.name + "</td><td class='l'>" + label + "</td><td class='l' colspan='12'>skipped: " +
+             html_escape(w.skipped) + "</td></tr>\n";
+        return;
+      }
+      s += "<tr><td class='l'>" + t.name + "</td><td class='l'>" + label + "</td><td>" + std::to_string(w.block_size) +
+           "</td><td>" + std::to_string(w.in_flight) + "</td><td>" + fmt("%.1f", w.mb_s) + "</td><td>" +
+           fmt("%.0f", w.iops) + "</td><td>" + fmt("%.1f", w.latency.min_us) + "</td><td>" +
+           fmt("%.1f", w.latency.p50_us) + "</td><td>" + fmt("%.1f", w.latency.p99_us) + "</td><td>" +
+           fmt("%.1f", w.latency.p999_us) + "</td><td>" + fmt("%.1f", w.latency.max_us) + "</td><td>" +
+           fmt("%.0f", w.client_cpu_percent) + "</td><td>" +
+           (w.server_cpu_percent < 0 ? std::string("-") : fmt("%.0f", w.server_cpu_percent)) + "</td><td>" +
+           pct(w.link_fraction) + "</td></tr>\n";
+    };
+    for (const auto& w : t.workloads) row(w, w.name);
+    for (const auto& w : t.sweep) row(w, "sweep randread");
+  }
+  s += "</table>\n<h2>Verify</h2><ul>";
+  for (const auto& t : r.transports) {
+    if (!t.skipped.empty()) continue;
+    if (!t.verify.ran) {
+      s += "<li>" + t.name + ": not run (--verify)</li>";
+    } else if (t.verify.ok()) {
+      s += "<li class='ok'>" + t.name + ": " + std::to_string(t.verify.blocks) + " blocks written and read back, all match</li>";
+    } else {
+      s += "<li class='bad'>" + t.name + ": FAILED, " + std::to_string(t.verify.bad_blocks) + " bad blocks " +
+           html_escape(t.verify.error) + "</li>";
+    }
+  }
+  s += "</ul>\n<h2>Link baselines</h2><table><tr><th>transport</th><th>peer</th><th>write MB/s</th><th>read MB/s</th></tr>\n";
+  for (const auto& b : r.baselines) {
+    if (!b.skipped.empty()) {
+      s += "<tr><td class='l'>" + b.transport + "</td><td class='l' colspan='3'>skipped: " + html_escape(b.skipped) + "</td></tr>\n";
+    } else {
+      s += "<tr><td class='l'>" + b.transport + "</td><td class='l'>" + html_escape(b.peer) + "</td><td>" +
+           fmt("%.1f", b.write_mb_s) + "</td><td>" + fmt("%.1f", b.read_mb_s) + "</td></tr>\n";
+    }
+  }
+  s += "</table>\n<h2>Environment</h2><table>\n";
+  for (const auto& [k, v] : r.environment) {
+    s += "<tr><td class='l'>" + html_escape(k) + "</td><td class='l'>" + html_escape(v) + "</td></tr>\n";
+  }
+  s += "</table>\n<p>runtime " + fmt("%.1f", r.options.runtime_s) + " s per workload, " +
+       std::to_string(r.options.queues) + " queue(s), iodepth " + std::to_string(r.options.iodepth) +
+       " per queue</p>\n</body></html>\n";
+  return s;
+}
+
+}  // namespace ibdisk::bench

@@ -1,0 +1,171 @@
+// `ibdisk bench HOST/EXPORT` over loopback TCP: the runner in process, and the CLI end to end.
+#include <gtest/gtest.h>
+
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "bench/remote.h"
+#include "tests/support/fixtures.h"
+#include "tests/support/process.h"
+
+namespace ibdisk {
+namespace {
+
+constexpr std::uint64_t kExportSize = 32 << 20;
+
+class BenchRemote : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    img_ = dir_.file("disk.img");
+    testing::make_sparse_file(img_, kExportSize);
+    server_ = std::make_unique<testing::ServerThread>(testing::loopback_target(img_));
+  }
+  bench::RemoteOptions options() const {
+    bench::RemoteOptions o;
+    o.host = "127.0.0.1";
+    o.port = server_->port();
+    o.export_name = "disk";
+    o.transports = {"tcp"};
+    o.runtime_s = 0.3;
+    o.iodepth = 4;
+    o.qd_sweep = {1, 8};
+    return o;
+  }
+
+  testing::TempDir dir_;
+  std::string img_;
+  std::unique_ptr<testing::ServerThread> server_;
+};
+
+// Every workload ran with data moved and sane latency order, verify matched, TCP baseline and ratios present.
+TEST_F(BenchRemote, AllWorkloadsVerifyAndBaseline) {
+  auto o = options();
+  o.allow_write = true;
+  o.verify = true;
+  o.verify_bytes = 8 << 20;
+  const auto r = bench::run_remote(o);
+  ASSERT_EQ(r.transports.size(), 1u);
+  const auto& t = r.transports[0];
+  ASSERT_TRUE(t.skipped.empty()) << t.skipped;
+  ASSERT_EQ(t.workloads.size(), 4u);
+  const char* names[] = {"seqread", "seqwrite", "randread", "randwrite"};
+  for (std::size_t i = 0; i < 4; ++i) {
+    const auto& w = t.workloads[i];
+    EXPECT_EQ(w.name, names[i]);
+    EXPECT_TRUE(w.skipped.empty()) << w.skipped;
+    EXPECT_GT(w.ios, 0u) << w.name;
+    EXPECT_EQ(w.bytes, w.ios * w.block_size) << w.name;
+    EXPECT_LE(w.latency.min_us, w.latency.p50_us) << w.name;
+    EXPECT_LE(w.latency.p50_us, w.latency.p99_us) << w.name;
+    EXPECT_LE(w.latency.p999_us, w.latency.max_us) << w.name;
+    EXPECT_GT(w.link_fraction, 0) << w.name;
+  }
+  EXPECT_EQ(t.workloads[0].block_size, 1u << 20);
+  EXPECT_EQ(t.workloads[2].block_size, 4096u);
+  ASSERT_EQ(t.sweep.size(), 2u);
+  EXPECT_EQ(t.sweep[0].in_flight, 1u);
+  EXPECT_EQ(t.sweep[1].in_flight, 8u);
+  EXPECT_TRUE(t.verify.ran);
+  EXPECT_EQ(t.verify.blocks, 8u);
+  EXPECT_TRUE(t.verify.ok()) << t.verify.bad_blocks << " bad, " << t.verify.error;
+  ASSERT_EQ(r.baselines.size(), 1u);
+  EXPECT_EQ(r.baselines[0].transport, "tcp");
+  EXPECT_TRUE(r.baselines[0].skipped.empty()) << r.baselines[0].skipped;
+  EXPECT_GT(r.baselines[0].read_mb_s, 0);
+  EXPECT_TRUE(r.ok());
+
+  // The pattern the verify pass wrote is on disk: the target really stored what was sent.
+  std::ifstream in(img_, std::ios::binary);
+  std::vector<char> head(4096);
+  in.read(head.data(), static_cast<std::streamsize>(head.size()));
+  EXPECT_NE(std::count(head.begin(), head.end(), 0), static_cast<long>(head.size()));
+
+  const auto j = nlohmann::json::parse(bench::remote_json(r));
+  EXPECT_TRUE(j["ok"].get<bool>());
+  EXPECT_EQ(j["transports"][0]["workloads"].size(), 4u);
+  EXPECT_TRUE(j["transports"][0]["verify"]["ok"].get<bool>());
+  const auto html = bench::remote_html(r);
+  EXPECT_NE(html.find("<svg"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);  // self-contained, no JS
+  EXPECT_EQ(html.find("<link"), std::string::npos);  // no external stylesheet
+  EXPECT_EQ(html.find("src="), std::string::npos);   // no external image or script
+}
+
+// Without --allow-write the write workloads are skipped with the reason; reads still run.
+TEST_F(BenchRemote, ReadOnlySkipsWrites) {
+  auto o = options();
+  o.baselines = false;
+  o.qd_sweep = {2};
+  const auto r = bench::run_remote(o);
+  const auto& t = r.transports.at(0);
+  ASSERT_TRUE(t.skipped.empty()) << t.skipped;
+  EXPECT_GT(t.workloads.at(0).ios, 0u);
+  EXPECT_NE(t.workloads.at(1).skipped.find("--allow-write"), std::string::npos);
+  EXPECT_NE(t.workloads.at(3).skipped.find("--allow-write"), std::string::npos);
+  EXPECT_TRUE(r.ok());
+}
+
+// --verify without --allow-write is refused before anything is written.
+TEST_F(BenchRemote, VerifyNeedsAllowWrite) {
+  auto o = options();
+  o.verify = true;
+  try {
+    bench::run_remote(o);
+    FAIL() << "verify without allow_write ran";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("--allow-write"), std::string::npos) << e.what();
+  }
+}
+
+// An unavailable transport is reported with its reason, not silently dropped.
+TEST_F(BenchRemote, RdmaOnLoopbackIsSkippedWithReason) {
+  auto o = options();
+  o.transports = {"rdma", "tcp"};
+  o.baselines = false;
+  o.qd_sweep = {1};
+  const auto r = bench::run_remote(o);
+  ASSERT_EQ(r.transports.size(), 2u);
+  EXPECT_FALSE(r.transports[0].skipped.empty());
+  EXPECT_TRUE(r.transports[1].skipped.empty()) << r.transports[1].skipped;
+}
+
+// The CLI end to end: JSON on stdout holds every workload, the sweep and the verify pass; HTML written.
+TEST_F(BenchRemote, CliJsonAndHtml) {
+  const std::string out = dir_.file("bench.json"), html = dir_.file("bench.html");
+  const std::string cmd = std::string(IBDISK_BINARY) + " bench 127.0.0.1:" + std::to_string(server_->port()) +
+                          "/disk --transports tcp --runtime 0.3 --iodepth 4 --qd-sweep 1,4 --allow-write --verify "
+                          "--json --html " + html + " > " + out;
+  const auto res = testing::run({"/bin/sh", "-c", cmd});
+  ASSERT_EQ(res.exit_code, 0) << res.output;
+  std::ifstream in(out);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  const auto j = nlohmann::json::parse(ss.str());
+  ASSERT_EQ(j["transports"].size(), 1u);
+  const auto& t = j["transports"][0];
+  EXPECT_EQ(t["name"], "tcp");
+  std::vector<std::string> names;
+  for (const auto& w : t["workloads"]) {
+    names.push_back(w["name"]);
+    EXPECT_GT(w["iops"].get<double>(), 0) << w;
+    EXPECT_TRUE(w["latency_us"].contains("p99.9")) << w;
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"seqread", "seqwrite", "randread", "randwrite"}));
+  EXPECT_EQ(t["qd_sweep"].size(), 2u);
+  EXPECT_TRUE(t["verify"]["ok"].get<bool>());
+  EXPECT_EQ(j["baselines"][0]["transport"], "tcp");
+  EXPECT_GT(j["baselines"][0]["read_mb_s"].get<double>(), 0);
+  std::ifstream h(html);
+  std::stringstream hs;
+  hs << h.rdbuf();
+  EXPECT_NE(hs.str().find("Queue-depth sweep"), std::string::npos);
+
+  const auto refused = testing::run({IBDISK_BINARY, "bench", "127.0.0.1:" + std::to_string(server_->port()) + "/disk",
+                                     "--transports", "tcp", "--verify"});
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.output.find("--allow-write"), std::string::npos) << refused.output;
+}
+
+}  // namespace
+}  // namespace ibdisk

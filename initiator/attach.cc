@@ -6,6 +6,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <poll.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -114,6 +115,7 @@ class Attachment {
   void arm_read(KernelSocket& s);
   void arm_write(KernelSocket& s);
   void arm_signals();
+  void on_signal();
   void on_readable(KernelSocket& s);
   void on_request(KernelSocket& s, std::unique_ptr<Request> r);
   void submit(KernelSocket& s, Request* r);
@@ -289,6 +291,14 @@ void Attachment::bind(KernelSocket& s) {
   if (!s.out.empty()) arm_write(s);
 }
 
+// Asio's epoll reactor is edge-triggered and a wait is never satisfied speculatively: bytes
+// that arrived between our last EAGAIN and the wait would go unnoticed until more arrive. So
+// after queueing the wait, poll once and handle what is already there.
+bool ready_now(int fd, short events) {
+  pollfd p{fd, events, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (events | POLLHUP | POLLERR)) != 0;
+}
+
 void Attachment::arm_read(KernelSocket& s) {
   if (s.read_armed || s.eof || !s.sd) return;
   s.read_armed = true;
@@ -297,6 +307,11 @@ void Attachment::arm_read(KernelSocket& s) {
     s.read_armed = false;
     if (!ec) on_readable(s);
   });
+  if (ready_now(s.fd, POLLIN)) {
+    asio::post(current_io(), [this, &s, epoch = s.epoch] {
+      if (epoch == s.epoch && !s.eof) on_readable(s);
+    });
+  }
 }
 
 void Attachment::arm_write(KernelSocket& s) {
@@ -307,6 +322,11 @@ void Attachment::arm_write(KernelSocket& s) {
     s.write_armed = false;
     if (!ec) flush_out(s);
   });
+  if (ready_now(s.fd, POLLOUT)) {
+    asio::post(current_io(), [this, &s, epoch = s.epoch] {
+      if (epoch == s.epoch && !s.eof) flush_out(s);
+    });
+  }
 }
 
 void Attachment::arm_signals() {
@@ -316,19 +336,27 @@ void Attachment::arm_signals() {
     if (epoch != sig_epoch_) return;
     sig_armed_ = false;
     if (ec) return;
-    signalfd_siginfo si{};
-    while (::read(sigfd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
-      if (!stop_requested_) {
-        log()->info("{} received: detaching {} once in-flight requests are answered", strsignal(static_cast<int>(si.ssi_signo)),
-                    dev_ ? dev_->path() : std::string("the device"));
-        stop_requested_ = true;
-        stop_deadline_ = Clock::now() + kDrainOnStop;
-        write_state("detaching");
-      }
-    }
-    wake_ = true;
+    on_signal();
     arm_signals();
   });
+  if (ready_now(sigfd_, POLLIN)) {
+    asio::post(current_io(), [this, epoch = sig_epoch_] {
+      if (epoch == sig_epoch_) on_signal();
+    });
+  }
+}
+
+void Attachment::on_signal() {
+  signalfd_siginfo si{};
+  while (::read(sigfd_, &si, sizeof si) == static_cast<ssize_t>(sizeof si)) {
+    if (stop_requested_) continue;
+    log()->info("{} received: detaching {} once in-flight requests are answered", strsignal(static_cast<int>(si.ssi_signo)),
+                dev_ ? dev_->path() : std::string("the device"));
+    stop_requested_ = true;
+    stop_deadline_ = Clock::now() + kDrainOnStop;
+    write_state("detaching");
+  }
+  wake_ = true;
 }
 
 void Attachment::on_readable(KernelSocket& s) {

@@ -158,8 +158,6 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_flag("--fixed-buffers,!--no-fixed-buffers", args->local.fixed_buffers,
                 "registered buffers (READ_FIXED/WRITE_FIXED), as the target uses")
       ->capture_default_str();
-  sub->add_option("--batch", args->local.max_batch, "most I/Os per io_uring_submit (0: all queued in a turn)")
-      ->capture_default_str();
   sub->add_option("--seed", args->local.seed, "random offsets seed")->capture_default_str();
   sub->add_flag("--json", args->json, "one JSON object on stdout instead of the table");
   sub->add_flag("--force", args->force, "allow write workloads on a block device");

@@ -292,7 +292,7 @@ void detect_network(const Root& root, const std::set<std::string>& procs, Invent
     inv.network_reason = "systemd-networkd is running or enabled";
   } else if (root.exists("/etc/network/interfaces")) {
     inv.network = NetworkSystem::kIfupdown;
-    inv.network_reason = "/etc/network/interfaces exists (ifupdown)";
+    inv.network_reason = "/etc/network/interfaces exists";
   } else {
     inv.network = NetworkSystem::kNone;
     inv.network_reason = "no NetworkManager, systemd-networkd or /etc/network/interfaces found";

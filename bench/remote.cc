@@ -31,6 +31,8 @@ constexpr std::uint16_t kBaselinePort = 7471;  // `ibdisk selftest --listen`'s d
 constexpr std::size_t kBaselineSize = 1 << 20;
 constexpr unsigned kBaselineIterations = 128;
 constexpr double kMiB = 1024.0 * 1024.0;
+constexpr std::size_t kLatencySize = 64;
+constexpr unsigned kLatencyProbes = 5;  // self-test connections of one operation each way
 
 struct WorkloadSpec {
   const char* name;
@@ -326,6 +328,32 @@ Baseline baseline_from(const SelftestReport& rep, const std::string& transport, 
   return b;
 }
 
+// RDMA small-message latency: self-test connections moving one 64-byte buffer each way, so
+// the self-test's time for the transfer is one operation posted to its completion.
+void measure_latency(Baseline& b, SelftestOptions so) {
+  so.size = kLatencySize;
+  so.iterations = 1;
+  std::vector<double> w, r;
+  for (unsigned i = 0; i < kLatencyProbes; ++i) {
+    SelftestReport rep;
+    try {
+      rep = rdma_selftest_client(so);
+    } catch (const std::exception& e) {
+      b.latency_skipped = std::string("the 64-byte self-test failed: ") + e.what();
+      throw;
+    }
+    if (rep.write_mib_s > 0) w.push_back(kLatencySize / (rep.write_mib_s * kMiB) * 1e6);
+    if (rep.read_mib_s > 0) r.push_back(kLatencySize / (rep.read_mib_s * kMiB) * 1e6);
+  }
+  const auto median = [](std::vector<double>& v) {
+    if (v.empty()) return -1.0;
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  b.write_lat_us = median(w);
+  b.read_lat_us = median(r);
+}
+
 // One transport's self-test against an in-process server on HOST. A client that fails leaves the
 // server waiting: its thread is then detached, owning the server.
 template <typename Server, typename ClientFn>
@@ -346,9 +374,18 @@ Baseline local_baseline(const std::string& transport, const std::string& host, C
     return b;
   }
   if constexpr (std::is_same_v<Server, TcpSelftestServer>) so.port = server->port();
-  std::thread serving([server] { server->serve(1); });
+  const bool rdma = transport == "rdma";
+  std::thread serving([server, rdma] { server->serve(rdma ? 1 + kLatencyProbes : 1); });
   try {
     b = baseline_from(client_fn(so), transport, b.peer);
+    if (rdma) {
+      try {
+        measure_latency(b, so);
+      } catch (const std::exception&) {
+        serving.detach();  // the server still waits for the probes that did not come
+        return b;
+      }
+    }
     serving.join();
   } catch (const std::exception& e) {
     b.skipped = std::string("the ") + transport + " self-test failed: " + e.what();
@@ -373,6 +410,13 @@ std::vector<Baseline> run_baselines(const RemoteOptions& opts) {
     const auto remote = [&](const std::string& t, SelftestReport (*fn)(const SelftestOptions&)) {
       try {
         out.push_back(baseline_from(fn(so), t, opts.baseline_peer));
+        if (t == "rdma") {
+          try {
+            measure_latency(out.back(), so);
+          } catch (const std::exception&) {
+            // recorded in latency_skipped; the bandwidth figures stand
+          }
+        }
       } catch (const std::exception& e) {
         Baseline b;
         b.transport = t;
@@ -652,8 +696,13 @@ std::string remote_json(const RemoteReport& r) {
     if (!b.skipped.empty()) {
       s += ", \"skipped\": " + json_str(b.skipped) + "}";
     } else {
-      s += ", \"write_mb_s\": " + fmt("%.3f", b.write_mb_s) + ", \"read_mb_s\": " + fmt("%.3f", b.read_mb_s) +
-           ", \"checksums_match\": " + (b.checksums_match ? "true" : "false") + "}";
+      s += ", \"write_mb_s\": " + fmt("%.3f", b.write_mb_s) + ", \"read_mb_s\": " + fmt("%.3f", b.read_mb_s);
+      if (!b.latency_skipped.empty()) s += ", \"latency_skipped\": " + json_str(b.latency_skipped);
+      if (b.write_lat_us >= 0) {
+        s += ", \"latency_us\": {\"size\": " + std::to_string(kLatencySize) + ", \"write\": " + fmt("%.2f", b.write_lat_us) +
+             ", \"read\": " + fmt("%.2f", b.read_lat_us) + "}";
+      }
+      s += std::string(", \"checksums_match\": ") + (b.checksums_match ? "true" : "false") + "}";
     }
   }
   s += "],\n \"transports\": [";
@@ -697,6 +746,11 @@ std::string remote_text(const RemoteReport& r) {
       std::snprintf(line, sizeof line, "  %-4s  write %.1f MB/s  read %.1f MB/s  (%s)\n", b.transport.c_str(),
                     b.write_mb_s, b.read_mb_s, b.peer.c_str());
       s += line;
+      if (b.write_lat_us >= 0) {
+        std::snprintf(line, sizeof line, "        64-byte latency: WRITE %.1f us  READ %.1f us\n", b.write_lat_us,
+                      b.read_lat_us);
+        s += line;
+      }
     }
   }
   std::snprintf(line, sizeof line, "\n%-5s %-10s %7s %5s %10s %10s %8s %8s %8s %8s %9s %6s %6s %6s\n", "link",
@@ -899,13 +953,15 @@ std::string remote_html(const RemoteReport& r) {
            html_escape(t.verify.error) + "</li>";
     }
   }
-  s += "</ul>\n<h2>Link baselines</h2><table><tr><th>transport</th><th>peer</th><th>write MB/s</th><th>read MB/s</th></tr>\n";
+  s += "</ul>\n<h2>Link baselines</h2><table><tr><th>transport</th><th>peer</th><th>write MB/s</th><th>read MB/s</th><th>64-byte WRITE us</th><th>64-byte READ us</th></tr>\n";
   for (const auto& b : r.baselines) {
     if (!b.skipped.empty()) {
-      s += "<tr><td class='l'>" + b.transport + "</td><td class='l' colspan='3'>skipped: " + html_escape(b.skipped) + "</td></tr>\n";
+      s += "<tr><td class='l'>" + b.transport + "</td><td class='l' colspan='5'>skipped: " + html_escape(b.skipped) + "</td></tr>\n";
     } else {
       s += "<tr><td class='l'>" + b.transport + "</td><td class='l'>" + html_escape(b.peer) + "</td><td>" +
-           fmt("%.1f", b.write_mb_s) + "</td><td>" + fmt("%.1f", b.read_mb_s) + "</td></tr>\n";
+           fmt("%.1f", b.write_mb_s) + "</td><td>" + fmt("%.1f", b.read_mb_s) + "</td><td>" +
+           (b.write_lat_us < 0 ? std::string("-") : fmt("%.1f", b.write_lat_us)) + "</td><td>" +
+           (b.read_lat_us < 0 ? std::string("-") : fmt("%.1f", b.read_lat_us)) + "</td></tr>\n";
     }
   }
   s += "</table>\n<h2>Environment</h2><table>\n";

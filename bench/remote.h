@@ -75,7 +75,10 @@ struct Baseline {
   std::string skipped;
   double write_mb_s = 0, read_mb_s = 0;  // client->server, server->client; 10^6 B/s
   bool checksums_match = false;
-  std::string cross_check;  // perftest or iperf3 figure, when installed and reachable
+  // RDMA only: one signalled 64-byte WRITE or READ, posted to completion, median of a few
+  // self-test connections; -1 when not measured.
+  double write_lat_us = -1, read_lat_us = -1;
+  std::string latency_skipped;  // why the latency was not measured, when it was tried
 };
 
 struct RemoteReport {

@@ -16,6 +16,8 @@ auto log() {
   static auto l = ibdisk::logger("initiator");
   return l;
 }
+constexpr std::chrono::seconds kProbeInterval{5};
+constexpr std::chrono::milliseconds kProbeTimeout{1000};
 }  // namespace
 
 void parse_host_port(const std::string& text, std::string* host, std::uint16_t* port) {
@@ -73,7 +75,10 @@ void throw_if_error(const proto::Control& reply, const std::string& what) {
 }
 
 struct Client::Queue {
+  unsigned index = 0;
   std::unique_ptr<transport::ClientConnection> conn;
+  // The previous connection, finishing the commands it carries after a move back to RDMA.
+  std::unique_ptr<transport::ClientConnection> draining;
   unsigned depth = 0;
   unsigned inflight = 0;
   std::uint64_t next_tag = 1;
@@ -81,84 +86,106 @@ struct Client::Queue {
     wire::Command cmd;
     std::byte* buf;
     Callback cb;
+    transport::ClientConnection* via = nullptr;
   };
-  std::unordered_map<std::uint64_t, Callback> callbacks;
+  std::unordered_map<std::uint64_t, Pending> pending;  // in flight, by tag
   std::deque<Pending> backlog;
+  unsigned carried_by(const transport::ClientConnection* c) const {
+    unsigned n = 0;
+    for (const auto& [tag, p] : pending) n += p.via == c;
+    return n;
+  }
 };
+
+std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool tcp, std::chrono::milliseconds rdma_timeout,
+                                                                unsigned* depth, std::string* why_not) {
+  const auto& opts = opts_;
+  const std::string where = opts.host + ":" + std::to_string(opts.port);
+  const std::uint16_t rdma_port = opts.rdma_port ? opts.rdma_port : opts.port;
+  std::unique_ptr<transport::ClientConnection> conn;
+  if (rdma) {
+    transport::RdmaConnectOptions ro;
+    ro.queue_depth = std::clamp(opts.queue_depth, 1u, wire::kMaxQueueDepth);
+    ro.max_io = std::clamp<std::uint32_t>(opts.max_io, 4096, wire::kMaxIoSize);
+    ro.connect_timeout = std::min(rdma_timeout, opts.timeout);
+    ro.call_timeout = opts.timeout;
+    conn = transport::rdma_connect(io_, opts.host, rdma_port, ro, why_not);
+  }
+  if (!conn && !tcp) return nullptr;
+  if (!conn) conn = transport::tcp_connect(io_, opts.host, opts.port, opts.timeout);
+  const std::string client_nonce = random_bytes(32);
+  proto::Control hello;
+  auto* h = hello.mutable_hello();
+  h->set_min_version(wire::kProtocolVersion);
+  h->set_max_version(wire::kProtocolVersion);
+  h->add_transports(conn->transport_name());
+  h->set_queue_depth(opts.queue_depth);
+  h->set_max_io_size(opts.max_io);
+  h->set_client_name(opts.client_name);
+  h->set_join_session(session_id_);
+  h->set_client_nonce(client_nonce);
+  const proto::Control challenge = conn->call(hello);
+  throw_if_error(challenge, "connecting to " + where);
+  if (!challenge.has_challenge()) throw SystemError("connecting to " + where, std::string("no Challenge from the target"));
+  if (challenge.challenge().auth_required() && key_.empty()) {
+    throw SystemError("connecting to " + where, std::string("the target requires a key"),
+                      "give --key-file with a copy of the target's key file");
+  }
+  proto::Control auth;
+  if (!key_.empty()) auth.mutable_auth()->set_mac(client_mac(key_, challenge.challenge().server_nonce(), client_nonce));
+  else auth.mutable_auth();
+  const proto::Control welcome = conn->call(auth);
+  throw_if_error(welcome, "connecting to " + where);
+  if (!welcome.has_welcome()) throw SystemError("connecting to " + where, std::string("no Welcome from the target"));
+  const auto& w = welcome.welcome();
+  if (!key_.empty() && !constant_time_equal(w.server_mac(), server_mac(key_, challenge.challenge().server_nonce(), client_nonce))) {
+    throw SystemError("connecting to " + where, std::string("the target could not prove it holds the key"),
+                      "is this the right host? check the key files on both sides");
+  }
+  *depth = w.queue_depth();
+  if (*depth == 0 || w.max_io_size() == 0) throw SystemError("connecting to " + where, std::string("the target granted no queue"));
+  session_id_ = w.session_id();
+  max_io_ = max_io_ == 0 ? w.max_io_size() : std::min(max_io_, w.max_io_size());
+  return conn;
+}
 
 std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
   if (opts.queues == 0 || opts.queues > 64) throw std::invalid_argument("--queues must be 1 to 64");
-  std::unique_ptr<Client> c(new Client());
-  c->opts_ = opts;
-  const std::string key = opts.key_file.empty() ? std::string() : load_key_file(opts.key_file);
-  const std::string where = opts.host + ":" + std::to_string(opts.port);
   if (opts.transport != "auto" && opts.transport != "rdma" && opts.transport != "tcp") {
     throw std::invalid_argument("--transport must be auto, rdma or tcp (got '" + opts.transport + "')");
   }
+  std::unique_ptr<Client> c(new Client());
+  c->opts_ = opts;
+  c->key_ = opts.key_file.empty() ? std::string() : load_key_file(opts.key_file);
+  const std::string where = opts.host + ":" + std::to_string(opts.port);
   bool try_rdma = opts.transport != "tcp";
-  const std::uint16_t rdma_port = opts.rdma_port ? opts.rdma_port : opts.port;
   for (unsigned i = 0; i < opts.queues; ++i) {
     auto q = std::make_unique<Queue>();
-    if (try_rdma) {
-      transport::RdmaConnectOptions ro;
-      ro.queue_depth = std::clamp(opts.queue_depth, 1u, wire::kMaxQueueDepth);
-      ro.max_io = std::clamp<std::uint32_t>(opts.max_io, 4096, wire::kMaxIoSize);
-      ro.connect_timeout = std::min(opts.rdma_timeout, opts.timeout);
-      ro.call_timeout = opts.timeout;
-      std::string why;
-      q->conn = transport::rdma_connect(c->io_, opts.host, rdma_port, ro, &why);
-      if (!q->conn) {
-        if (opts.transport == "rdma") {
-          throw SystemError("connecting to " + opts.host + " over RDMA (port " + std::to_string(rdma_port) + ")", why,
-                            "check `ibdisk setup doctor` on both sides, or use --transport auto to allow TCP");
-        }
-        log()->warn("RDMA not used: {}; using TCP", why);
-        c->rdma_not_used_ = why;
-        try_rdma = false;
-      }
+    q->index = i;
+    std::string why;
+    q->conn = c->open_queue(try_rdma, opts.transport != "rdma", opts.rdma_timeout, &q->depth, &why);
+    if (!q->conn) {
+      throw SystemError("connecting to " + opts.host + " over RDMA (port " +
+                            std::to_string(opts.rdma_port ? opts.rdma_port : opts.port) + ")",
+                        why, "check `ibdisk setup doctor` on both sides, or use --transport auto to allow TCP");
     }
-    if (!q->conn) q->conn = transport::tcp_connect(c->io_, opts.host, opts.port, opts.timeout);
-    const std::string client_nonce = random_bytes(32);
-    proto::Control hello;
-    auto* h = hello.mutable_hello();
-    h->set_min_version(wire::kProtocolVersion);
-    h->set_max_version(wire::kProtocolVersion);
-    h->add_transports(q->conn->transport_name());
-    h->set_queue_depth(opts.queue_depth);
-    h->set_max_io_size(opts.max_io);
-    h->set_client_name(opts.client_name);
-    h->set_join_session(c->session_id_);
-    h->set_client_nonce(client_nonce);
-    const proto::Control challenge = q->conn->call(hello);
-    throw_if_error(challenge, "connecting to " + where);
-    if (!challenge.has_challenge()) throw SystemError("connecting to " + where, std::string("no Challenge from the target"));
-    if (challenge.challenge().auth_required() && key.empty()) {
-      throw SystemError("connecting to " + where, std::string("the target requires a key"),
-                        "give --key-file with a copy of the target's key file");
+    if (try_rdma && q->conn->transport_name() != "rdma") {
+      log()->warn("RDMA not used: {}; using TCP", why);
+      c->rdma_not_used_ = why;
+      try_rdma = false;
     }
-    proto::Control auth;
-    if (!key.empty()) auth.mutable_auth()->set_mac(client_mac(key, challenge.challenge().server_nonce(), client_nonce));
-    else auth.mutable_auth();
-    const proto::Control welcome = q->conn->call(auth);
-    throw_if_error(welcome, "connecting to " + where);
-    if (!welcome.has_welcome()) throw SystemError("connecting to " + where, std::string("no Welcome from the target"));
-    const auto& w = welcome.welcome();
-    if (!key.empty() && !constant_time_equal(w.server_mac(), server_mac(key, challenge.challenge().server_nonce(), client_nonce))) {
-      throw SystemError("connecting to " + where, std::string("the target could not prove it holds the key"),
-                        "is this the right host? check the key files on both sides");
-    }
-    q->depth = w.queue_depth();
-    if (q->depth == 0 || w.max_io_size() == 0) throw SystemError("connecting to " + where, std::string("the target granted no queue"));
-    c->session_id_ = w.session_id();
-    c->max_io_ = i == 0 ? w.max_io_size() : std::min(c->max_io_, w.max_io_size());
     c->queues_.push_back(std::move(q));
   }
+  c->next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
   log()->debug("session {:016x} with {}: {} queue(s) of depth {}", c->session_id_, where, opts.queues, c->queues_[0]->depth);
   return c;
 }
 
 Client::~Client() {
-  for (auto& q : queues_) q->conn->close();
+  for (auto& q : queues_) {
+    if (q->conn) q->conn->close();
+    if (q->draining) q->draining->close();
+  }
 }
 
 std::vector<proto::ExportInfo> Client::list_exports() {
@@ -202,21 +229,116 @@ unsigned Client::in_flight() const {
 void Client::ensure_started() {
   if (started_) return;
   started_ = true;
-  for (std::size_t i = 0; i < queues_.size(); ++i) {
-    Queue* q = queues_[i].get();
-    q->conn->start(
-        [this, q](const wire::Completion& c) {
-          const auto it = q->callbacks.find(c.tag);
-          if (it == q->callbacks.end()) return;
-          Callback cb = std::move(it->second);
-          q->callbacks.erase(it);
-          --q->inflight;
-          dispatch(*q);
-          cb(c.status);
-        },
-        [this, i](const std::string& reason) {
-          if (lost_.empty()) lost_ = "queue " + std::to_string(i) + " to " + opts_.host + ": " + reason;
-        });
+  for (auto& q : queues_) start_conn(*q, q->conn.get());
+}
+
+void Client::start_conn(Queue& queue, transport::ClientConnection* conn) {
+  Queue* q = &queue;
+  conn->start(
+      [this, q, conn](const wire::Completion& c) {
+        const auto it = q->pending.find(c.tag);
+        if (it == q->pending.end() || it->second.via != conn) return;
+        Callback cb = std::move(it->second.cb);
+        q->pending.erase(it);
+        --q->inflight;
+        if (q->draining.get() == conn && q->carried_by(conn) == 0) {
+          boost::asio::post(io_, [this, q, conn] {
+            if (q->draining.get() == conn && q->carried_by(conn) == 0) retire(std::move(q->draining));
+          });
+        }
+        dispatch(*q);
+        cb(c.status);
+      },
+      [this, q, conn](const std::string& reason) {
+        // Not from inside the connection's own handler: the connection may be replaced.
+        boost::asio::post(io_, [this, q, conn, reason] { on_conn_lost(*q, conn, reason); });
+      });
+}
+
+void Client::retire(std::unique_ptr<transport::ClientConnection> conn) {
+  if (!conn) return;
+  conn->close();
+  // An RDMA connection must go now (a removed device waits for it); a TCP one may still have
+  // handlers queued on io_, so it stays until the client goes.
+  if (conn->transport_name() != "rdma") retired_.push_back(std::move(conn));
+}
+
+void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const std::string& reason) {
+  if (conn != q.conn.get() && conn != q.draining.get()) return;  // already replaced
+  const std::string what = "queue " + std::to_string(q.index) + " to " + opts_.host + ": " + reason;
+  const bool failover = opts_.transport == "auto" && conn->transport_name() == "rdma";
+  if (!failover) {
+    if (lost_.empty()) lost_ = what;
+    return;
+  }
+  log()->info("queue {}: RDMA connection lost ({}); reconnecting", q.index, reason);
+  std::unique_ptr<transport::ClientConnection> old;
+  if (conn == q.draining.get()) {
+    old = std::move(q.draining);
+  } else {
+    old = std::move(q.conn);
+    if (q.draining) {  // the one it was replacing still works: use it again
+      q.conn = std::move(q.draining);
+    } else {
+      try {
+        std::string why;
+        unsigned depth = 0;
+        q.conn = open_queue(true, true, kProbeTimeout, &depth, &why);
+        q.depth = std::min(q.depth, depth);
+        start_conn(q, q.conn.get());
+      } catch (const std::exception& e) {
+        if (lost_.empty()) lost_ = what + "; reconnecting failed: " + e.what();
+        retire(std::move(old));
+        return;
+      }
+    }
+    log()->warn("queue {}: RDMA connection lost ({}); continuing over {} without failing I/O", q.index, reason,
+                q.conn->transport_name());
+  }
+  // Send again, in order, what the lost connection carried.
+  std::vector<std::uint64_t> tags;
+  for (const auto& [tag, p] : q.pending) {
+    if (p.via == old.get()) tags.push_back(tag);
+  }
+  std::sort(tags.begin(), tags.end());
+  retire(std::move(old));
+  for (const auto tag : tags) {
+    auto& p = q.pending.at(tag);
+    p.via = q.conn.get();
+    if (const int rc = q.conn->submit(p.cmd, p.buf); rc != 0) {
+      Callback cb = std::move(p.cb);
+      q.pending.erase(tag);
+      --q.inflight;
+      cb(rc);
+    }
+  }
+  dispatch(q);
+}
+
+void Client::probe_rdma() {
+  if (opts_.transport != "auto" || !started_ || std::chrono::steady_clock::now() < next_probe_) return;
+  next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
+  for (auto& q : queues_) {
+    if (q->conn->transport_name() == "rdma" || q->draining) continue;
+    std::string why;
+    unsigned depth = 0;
+    std::unique_ptr<transport::ClientConnection> conn;
+    try {
+      conn = open_queue(true, false, kProbeTimeout, &depth, &why);
+    } catch (const std::exception& e) {
+      why = e.what();
+    }
+    if (!conn) {
+      log()->debug("queue {}: RDMA still not usable: {}", q->index, why);
+      return;  // try again later; one attempt per interval
+    }
+    log()->info("queue {}: back on RDMA", q->index);
+    q->draining = std::move(q->conn);
+    q->conn = std::move(conn);
+    q->depth = std::min(q->depth, depth);
+    start_conn(*q, q->conn.get());
+    if (q->carried_by(q->draining.get()) == 0) retire(std::move(q->draining));
+    rdma_not_used_.clear();
   }
 }
 
@@ -225,7 +347,7 @@ void Client::submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callba
   Queue& queue = *queues_.at(q % queues_.size());
   wire::Command c = cmd;
   c.tag = queue.next_tag++;
-  queue.backlog.push_back({c, buf, std::move(cb)});
+  queue.backlog.push_back({c, buf, std::move(cb), nullptr});
   dispatch(queue);
 }
 
@@ -239,7 +361,8 @@ void Client::dispatch(Queue& queue) {
       continue;
     }
     ++queue.inflight;
-    queue.callbacks.emplace(p.cmd.tag, std::move(p.cb));
+    p.via = queue.conn.get();
+    queue.pending.emplace(p.cmd.tag, std::move(p));
   }
 }
 
@@ -288,6 +411,7 @@ void Client::run_until(const std::function<bool()>& done) {
     if (!lost_.empty()) throw SystemError("I/O", lost_, "check the target's log; the session was lost");
     io_.restart();
     io_.run_one_for(std::chrono::milliseconds(500));
+    probe_rdma();
   }
   if (!lost_.empty() && in_flight() > 0) throw SystemError("I/O", lost_, "check the target's log; the session was lost");
 }

@@ -94,6 +94,17 @@ class Client {
   void submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callback cb);
   void dispatch(Queue& queue);
   void ensure_started();
+  // Connects one queue and admits it into the session (a new session while session_id_ is 0):
+  // RDMA first when `rdma`, then TCP when `tcp`. Null with *why_not when neither was allowed to
+  // work; throws SystemError when the target refuses.
+  std::unique_ptr<transport::ClientConnection> open_queue(bool rdma, bool tcp, std::chrono::milliseconds rdma_timeout,
+                                                          unsigned* depth, std::string* why_not);
+  void start_conn(Queue& q, transport::ClientConnection* conn);
+  // A queue's connection ended mid-session: move its commands to a new connection (auto).
+  void on_conn_lost(Queue& q, transport::ClientConnection* conn, const std::string& reason);
+  void retire(std::unique_ptr<transport::ClientConnection> conn);
+  // While some queue runs on TCP (auto), tries RDMA again now and then and moves it back.
+  void probe_rdma();
 
   boost::asio::io_context io_;
   ClientOptions opts_;
@@ -103,6 +114,10 @@ class Client {
   bool started_ = false;
   std::string lost_;  // why a queue was lost, once it was
   std::string rdma_not_used_;
+  std::string key_;
+  std::chrono::steady_clock::time_point next_probe_{};
+  // Closed TCP connections whose handlers may still be queued on io_; freed with the client.
+  std::vector<std::unique_ptr<transport::ClientConnection>> retired_;
 };
 
 // Turns a control reply that carries an Error into a SystemError naming `what`.

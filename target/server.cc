@@ -28,6 +28,7 @@ auto log() {
 }
 
 constexpr unsigned kDefaultQueueDepth = 32;
+constexpr std::chrono::seconds kRejoinGrace{10};
 
 struct Session {
   std::uint64_t id = 0;
@@ -103,11 +104,33 @@ class QueueHandler final : public ServerConnection::Handler {
       session_->transports.erase(session_->transports.find(conn_->transport_name()));
       last = session_->transports.empty();
     }
-    if (last) {
-      std::lock_guard lock(shared_.sessions_mu);
-      shared_.sessions.erase(session_->id);
-      log()->info("session {:016x} from {} ended", session_->id, session_->peer);
+    if (!last) return;
+    if (!lost_to_error_) {
+      end_session(shared_, session_->id);
+      return;
     }
+    // The last queue went down with its network (an RDMA device removed, a reset): the session
+    // and its open exports wait a while for the initiator to rejoin over another transport.
+    auto timer = std::make_shared<asio::steady_timer>(worker_.io, kRejoinGrace);
+    Shared& shared = shared_;
+    const std::uint64_t id = session_->id;
+    log()->info("session {:016x}: every queue lost ({}); kept {} s for the initiator to rejoin", id, last_reason_,
+                kRejoinGrace.count());
+    timer->async_wait([timer, &shared, id](const boost::system::error_code& ec) {
+      if (!ec) end_session(shared, id);
+    });
+  }
+
+  static void end_session(Shared& shared, std::uint64_t id) {
+    std::lock_guard lock(shared.sessions_mu);
+    const auto it = shared.sessions.find(id);
+    if (it == shared.sessions.end()) return;
+    {
+      std::lock_guard slock(it->second->mu);
+      if (!it->second->transports.empty()) return;  // rejoined
+    }
+    log()->info("session {:016x} from {} ended", id, it->second->peer);
+    shared.sessions.erase(it);
   }
 
   void start(bool allowed) {
@@ -234,6 +257,9 @@ class QueueHandler final : public ServerConnection::Handler {
     if (state_ == State::kClosed) return;
     state_ = State::kClosed;
     log()->debug("{}: queue closed: {}", conn_->peer(), reason);
+    last_reason_ = reason;
+    lost_to_error_ = !stopping_ && reason.rfind("disconnected by", 0) != 0 && reason.rfind("closed by", 0) != 0 &&
+                     reason.rfind("protocol error", 0) != 0 && reason != "End of file";
     if (reason.rfind("protocol error", 0) == 0) shared_.protocol_errors++;
     maybe_destroy();
   }
@@ -431,6 +457,8 @@ class QueueHandler final : public ServerConnection::Handler {
   bool queue_granted_ = false;
   bool stopping_ = false;
   bool destroying_ = false;
+  bool lost_to_error_ = false;
+  std::string last_reason_;
 };
 
 bool is_loopback(const asio::ip::address& a) { return a.is_loopback(); }

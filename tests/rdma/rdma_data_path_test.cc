@@ -60,22 +60,18 @@ int sync(Client& c, Fn&& fn) {
   return status;
 }
 
-// Random reads and writes of 512 B to 1 MiB on 2 queues x depth 16 over RDMA, never
-// overlapping while in flight: every byte read matches the model, then a full read-back.
-TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
-  IBDISK_REQUIRE_RDMA();
-  TempDir dir;
-  const std::string img = dir.file("disk.img");
-  testing::make_sparse_file(img, kImage);
-  ServerThread srv(rdma_target(img));
-  ASSERT_NE(srv.server().rdma_port(), 0) << srv.server().rdma_status();
-  auto client = Client::connect(client_for(srv.port(), 2, 16, "rdma"));
-  for (unsigned q = 0; q < client->queue_count(); ++q) ASSERT_EQ(client->transport(q), "rdma");
-  EXPECT_EQ(client->queue_depth(0), 16u);
-  const auto opened = client->open("disk", false);
+struct WorkloadResult {
+  unsigned completed = 0, errors = 0, mismatches = 0;
+  std::uint64_t bytes = 0;
+};
 
-  std::vector<std::byte> model(kImage);
-  std::mt19937_64 rng(42);
+// Random reads and writes of 512 B to 1 MiB over every queue, up to 32 in flight, never
+// overlapping while in flight, each read checked against `model` (which writes update).
+// on_issue(n) runs after the n-th request is issued.
+WorkloadResult run_workload(Client& client, std::uint32_t handle, std::vector<std::byte>& model, unsigned ops,
+                            std::uint64_t seed, const std::function<void(unsigned)>& on_issue = {}) {
+  const std::uint64_t size = model.size();
+  std::mt19937_64 rng(seed);
   struct Op {
     bool write;
     std::uint64_t off;
@@ -89,20 +85,19 @@ TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
     }
     return false;
   };
-  const unsigned kOps = 600;
-  unsigned issued = 0, completed = 0, mismatches = 0, errors = 0;
-  std::uint64_t bytes = 0;
+  WorkloadResult r;
+  unsigned issued = 0;
   std::function<void()> issue = [&] {
-    while (issued < kOps && client->in_flight() < 32) {
-      // Mostly small requests, some up to 1 MiB (the largest always included).
+    while (issued < ops && client.in_flight() < 32) {
+      // Mostly small requests, some up to 1 MiB (the first is the largest).
       const std::uint32_t len = issued == 0 ? (1u << 20)
                                 : rng() % 4 == 0 ? 512u * static_cast<std::uint32_t>(1 + rng() % 2048)
                                                  : 512u * static_cast<std::uint32_t>(1 + rng() % 64);
       std::uint64_t off;
       do {
-        off = (rng() % ((kImage - len) / 512)) * 512;
+        off = (rng() % ((size - len) / 512)) * 512;
         if (rng() % 4 == 0) off += rng() % 512;
-        if (off + len > kImage) off = kImage - len;
+        if (off + len > size) off = size - len;
       } while (overlaps(off, len));
       auto op = std::make_unique<Op>(Op{rng() % 2 == 0, off, len, std::vector<std::byte>(len)});
       if (op->write) {
@@ -113,37 +108,61 @@ TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
       inflight.push_back(std::move(op));
       ++issued;
       auto done = [&, raw](int st) {
-        if (st != 0) ++errors;
-        if (!raw->write && std::memcmp(raw->buf.data(), model.data() + raw->off, raw->len) != 0) ++mismatches;
-        bytes += raw->len;
-        ++completed;
+        if (st != 0) ++r.errors;
+        if (!raw->write && std::memcmp(raw->buf.data(), model.data() + raw->off, raw->len) != 0) ++r.mismatches;
+        r.bytes += raw->len;
+        ++r.completed;
         for (auto& p : inflight) {
           if (p.get() == raw) p.reset();
         }
         std::erase_if(inflight, [](const auto& p) { return !p; });
         issue();
       };
-      const unsigned q = issued % client->queue_count();
-      if (raw->write) client->write(q, opened.handle(), off, len, raw->buf.data(), 0, done);
-      else client->read(q, opened.handle(), off, len, raw->buf.data(), done);
+      const unsigned q = issued % client.queue_count();
+      if (raw->write) client.write(q, handle, off, len, raw->buf.data(), 0, done);
+      else client.read(q, handle, off, len, raw->buf.data(), done);
+      if (on_issue) on_issue(issued);
     }
   };
   issue();
-  client->run_until([&] { return completed == kOps; });
-  EXPECT_EQ(errors, 0u);
-  EXPECT_EQ(mismatches, 0u);
-  EXPECT_GT(bytes, 20u << 20);
-  EXPECT_EQ(sync(*client, [&](auto cb) { client->flush(0, opened.handle(), cb); }), 0);
+  client.run_until([&] { return r.completed == ops; });
+  return r;
+}
+
+// Reads the whole export back and counts the 1 MiB blocks that differ from the model.
+unsigned read_back_mismatches(Client& client, std::uint32_t handle, const std::vector<std::byte>& model) {
   std::vector<std::byte> buf(1 << 20);
   unsigned bad_blocks = 0;
-  for (std::uint64_t off = 0; off < kImage; off += buf.size()) {
-    ASSERT_EQ(sync(*client, [&](auto cb) {
-                client->read(static_cast<unsigned>(off >> 20), opened.handle(), off, 1 << 20, buf.data(), cb);
+  for (std::uint64_t off = 0; off < model.size(); off += buf.size()) {
+    EXPECT_EQ(sync(client, [&](auto cb) {
+                client.read(static_cast<unsigned>(off >> 20), handle, off, 1 << 20, buf.data(), cb);
               }),
               0);
     if (std::memcmp(buf.data(), model.data() + off, buf.size()) != 0) ++bad_blocks;
   }
-  EXPECT_EQ(bad_blocks, 0u);
+  return bad_blocks;
+}
+
+// Random reads and writes of 512 B to 1 MiB on 2 queues x depth 16 over RDMA, never
+// overlapping while in flight: every byte read matches the model, then a full read-back.
+TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
+  IBDISK_REQUIRE_RDMA();
+  TempDir dir;
+  const std::string img = dir.file("disk.img");
+  testing::make_sparse_file(img, kImage);
+  ServerThread srv(rdma_target(img));
+  ASSERT_NE(srv.server().rdma_port(), 0) << srv.server().rdma_status();
+  auto client = Client::connect(client_for(srv.port(), 2, 16, "rdma"));
+  for (unsigned q = 0; q < client->queue_count(); ++q) ASSERT_EQ(client->transport(q), "rdma");
+  EXPECT_EQ(client->queue_depth(0), 16u);
+  const auto opened = client->open("disk", false);
+  std::vector<std::byte> model(kImage);
+  const auto [completed, errors, mismatches, bytes] = run_workload(*client, opened.handle(), model, 400, 42);
+  EXPECT_EQ(errors, 0u);
+  EXPECT_EQ(mismatches, 0u);
+  EXPECT_GT(bytes, 20u << 20);
+  EXPECT_EQ(sync(*client, [&](auto cb) { client->flush(0, opened.handle(), cb); }), 0);
+  EXPECT_EQ(read_back_mismatches(*client, opened.handle(), model), 0u);
   // The target's stats (asked by another session: this one is in its data phase) name the
   // transport of every queue.
   auto observer = Client::connect(client_for(srv.port(), 1, 4, "auto"));

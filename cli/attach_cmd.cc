@@ -177,7 +177,7 @@ int run_detach(DetachArgs& a) {
     }
     throw SystemError("detach " + dev, "its attach process (pid " + std::to_string(s.pid) + ") did not exit within " +
                                            std::to_string(static_cast<int>(a.timeout_s)) + " s",
-                      "kill -9 " + std::to_string(s.pid) + " releases the device (the kernel disconnects it when that process exits)");
+                      "kill -9 " + std::to_string(s.pid) + ", then `ibdisk detach --force " + dev + "` releases the device");
   }
   if (!initiator::nbd_device_connected(index)) {
     throw SystemError("detach " + dev, std::string("it is not attached"), "`ibdisk list` shows the attached devices");

@@ -545,6 +545,9 @@ void Attachment::close_socket(KernelSocket& s, const std::string& why) {
   if (s.sd) s.sd->release();
   s.sd.reset();
   s.out.clear();
+  // The server side closes after NBD_CMD_DISC: the kernel's receive thread (and NBD_DO_IT with
+  // the ioctl interface) waits for that.
+  ::shutdown(s.fd, SHUT_RDWR);
   wake_ = true;
 }
 
@@ -704,7 +707,7 @@ int Attachment::run() {
           return wake_ || (stop_requested_ && !disconnect_sent_ && (outstanding() == 0 || Clock::now() >= stop_deadline_)) ||
                  (disconnect_sent_ && Clock::now() >= stop_deadline_ + kDrainOnStop);
         });
-      } catch (const SystemError& e) {
+      } catch (const std::exception& e) {
         on_lost(e.what());
       }
       continue;

@@ -22,7 +22,7 @@ namespace fs = std::filesystem;
 // Every command under a time limit, and logged, so a hang in the guest names its step.
 testing::CommandResult run_command(const std::string& cmd) {
   std::fprintf(stderr, "guest_test: %s\n", cmd.c_str());
-  return testing::run_command("timeout 60 bash -c " + [&] {
+  return testing::run_command("timeout 120 bash -c " + [&] {
     std::string q = "'";
     for (char c : cmd) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
     return q + "'";
@@ -150,9 +150,11 @@ TEST(GuestApply, SoftRoceCreatesAWorkingRxeDevice) {
   EXPECT_EQ(run_command(bin + " setup doctor --json" + r).output.find("--netdev veth8"), std::string::npos);
 
   // Verbs and RDMA CM work on it: the self-test over the new device's address.
-  const auto st = run_command("(" + bin + " selftest --listen 10.78.0.1 --transport rdma --port 7480 --clients 1 "
-                              ">/dev/null 2>&1 & sleep 1; " + bin + " selftest 10.78.0.1 --source 10.78.0.1 "
-                              "--transport rdma --port 7480 --iterations 4; rc=$?; wait; exit $rc) 2>&1");
+  // The server logs "listening" once its RDMA CM id is bound; the client starts after that.
+  const auto st = run_command("L=$(mktemp); timeout 50 " + bin + " selftest --listen 10.78.0.1 --transport rdma "
+                              "--port 7480 --clients 1 >$L 2>&1 & for i in $(seq 300); do grep -q listening $L && break; "
+                              "sleep 0.1; done; timeout 40 " + bin + " selftest 10.78.0.1 --source 10.78.0.1 "
+                              "--transport rdma --port 7480 --iterations 4 2>&1; rc=$?; wait; exit $rc");
   EXPECT_EQ(st.status, 0) << st.output;
   EXPECT_NE(st.output.find("rxe_veth8"), std::string::npos) << st.output;
   EXPECT_NE(st.output.find("selftest: PASS"), std::string::npos) << st.output;

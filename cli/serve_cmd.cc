@@ -52,7 +52,13 @@ int run_serve(ServeArgs& a) {
 
   target::Server server(a.opts);
   std::unique_ptr<nbd::NbdServer> nbd_server = a.nbd ? start_nbd(a, server) : nullptr;
-  std::printf("ibdisk serve: listening on %s (tcp)\n", server.listen_description().c_str());
+  if (server.rdma_port() != 0) {
+    std::printf("ibdisk serve: listening on %s (tcp) and RDMA port %u\n", server.listen_description().c_str(),
+                server.rdma_port());
+  } else {
+    std::printf("ibdisk serve: listening on %s (tcp; no RDMA: %s)\n", server.listen_description().c_str(),
+                server.rdma_status().c_str());
+  }
   if (nbd_server) std::printf("ibdisk serve: NBD front end on port %u\n", nbd_server->port());
   for (const auto& e : server.exports().list()) {
     std::printf("  export %-16s %10s  %s%s\n", e.name.c_str(), human_bytes(e.size).c_str(), e.read_only ? "read-only" : "read-write",
@@ -92,6 +98,8 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_option("-l,--listen", a->listen,
                   "ADDR[:PORT] to listen on (default 127.0.0.1 without a key, 0.0.0.0 with one; port 7420)");
   sub->add_option("--port", a->opts.port, "TCP port")->capture_default_str();
+  sub->add_option("--rdma-port", a->opts.rdma_port, "RDMA CM port (its own port space; default: the TCP port)");
+  sub->add_flag("!--no-rdma", a->opts.rdma, "do not listen on RDMA even when an RDMA device exists");
   sub->add_option("-k,--key-file", a->opts.key_file, "pre-shared key (mode 0600; make one with `ibdisk keygen`)")
       ->check(CLI::ExistingFile);
   sub->add_option("--allow", a->opts.allow, "client network allowed to connect, CIDR (repeatable; default any)");

@@ -11,6 +11,8 @@
 #include <netdb.h>
 
 #include <array>
+#include <optional>
+#include <utility>
 #include <cstring>
 #include <stdexcept>
 
@@ -108,6 +110,8 @@ struct Endpoint {
         remote(pd, size, IBV_ACCESS_LOCAL_WRITE | (server ? IBV_ACCESS_REMOTE_READ : 0)),
         msgs(pd, 2 * sizeof(SelftestMsg), IBV_ACCESS_LOCAL_WRITE) {}
 
+  std::optional<ibv_wc> early_recv_;
+
   SelftestMsg* recv_slot() { return reinterpret_cast<SelftestMsg*>(msgs.data()); }
   SelftestMsg* send_slot() { return reinterpret_cast<SelftestMsg*>(msgs.data()) + 1; }
 
@@ -130,12 +134,20 @@ struct Endpoint {
     wr.opcode = IBV_WR_SEND;
     wr.send_flags = IBV_SEND_SIGNALED;
     if (const int rc = qp.post_send(&wr); rc != 0) throw SystemError("ibv_post_send(SEND)", rc);
-    const ibv_wc wc = wait_completion(cq, timeout, "SEND");
-    if (wc.opcode != IBV_WC_SEND) throw SystemError("SEND", std::string("unexpected completion opcode"));
+    // The peer's next message may complete our RECV before our SEND's completion is polled
+    // (small transfers are that fast): keep it for receive().
+    for (;;) {
+      const ibv_wc wc = wait_completion(cq, timeout, "SEND");
+      if (wc.opcode == IBV_WC_SEND) return;
+      if (wc.opcode != IBV_WC_RECV || early_recv_) {
+        throw SystemError("SEND", "unexpected completion opcode " + std::to_string(wc.opcode));
+      }
+      early_recv_ = wc;
+    }
   }
 
   SelftestMsg receive(MsgType expected, std::chrono::milliseconds timeout) {
-    const ibv_wc wc = wait_completion(cq, timeout, "RECV");
+    const ibv_wc wc = early_recv_ ? *std::exchange(early_recv_, std::nullopt) : wait_completion(cq, timeout, "RECV");
     if (wc.opcode != IBV_WC_RECV || wc.byte_len != sizeof(SelftestMsg)) {
       throw SystemError("RECV", "unexpected completion (opcode " + std::to_string(wc.opcode) + ", " +
                                     std::to_string(wc.byte_len) + " bytes)");

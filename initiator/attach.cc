@@ -614,9 +614,9 @@ void Attachment::try_reconnect() {
   bind_all();
   write_state("connected");
   for (auto& s : socks_) {
-    std::vector<Request*> todo;
-    for (auto& [raw, r] : s->active) todo.push_back(raw);
-    for (Request* r : todo) {
+    std::vector<Request*> resend;
+    for (auto& [raw, r] : s->active) resend.push_back(raw);
+    for (Request* r : resend) {
       if (!client_) break;
       if (s->active.count(r)) submit(*s, r);
     }
@@ -627,10 +627,10 @@ void Attachment::fail_held() {
   failing_ = true;
   std::size_t n = 0;
   for (auto& s : socks_) {
-    std::vector<Request*> todo;
-    for (auto& [raw, r] : s->active) todo.push_back(raw);
-    n += todo.size();
-    for (Request* r : todo) {
+    std::vector<Request*> resend;
+    for (auto& [raw, r] : s->active) resend.push_back(raw);
+    n += resend.size();
+    for (Request* r : resend) {
       auto it = s->active.find(r);
       auto owned = std::move(it->second);
       s->active.erase(it);

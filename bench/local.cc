@@ -1,3 +1,4 @@
+#include "common/json.h"
 #include "bench/local.h"
 
 #include <sys/mman.h>
@@ -103,23 +104,6 @@ struct Mapping {
     if (addr != MAP_FAILED) ::munmap(addr, len);
   }
 };
-
-std::string json_string(const std::string& s) {
-  std::string out = "\"";
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
 
 }  // namespace
 
@@ -303,7 +287,7 @@ std::string local_json(const LocalOptions& opts, const LocalResult& r) {
                 static_cast<unsigned long long>(r.submit_calls), per_submit,
                 static_cast<unsigned long long>(r.direct_ios), static_cast<unsigned long long>(r.buffered_ios),
                 r.logical_block_size);
-  return "{\"mode\": \"local\", \"path\": " + json_string(opts.path) + ", " + buf + "}\n";
+  return "{\"mode\": \"local\", \"path\": " + json_quote(opts.path) + ", " + buf + "}\n";
 }
 
 std::string local_text(const LocalOptions& opts, const LocalResult& r) {

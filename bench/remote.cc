@@ -1,3 +1,4 @@
+#include "common/json.h"
 #include "bench/remote.h"
 
 #include <netdb.h>
@@ -548,23 +549,6 @@ std::string fmt(const char* f, double v) {
   return buf;
 }
 
-std::string json_str(const std::string& s) {
-  std::string out = "\"";
-  for (const char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += c;
-    } else if (static_cast<unsigned char>(c) < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
-      out += buf;
-    } else {
-      out += c;
-    }
-  }
-  return out + "\"";
-}
-
 std::string html_escape(const std::string& s) {
   std::string out;
   for (const char c : s) {
@@ -580,9 +564,9 @@ std::string html_escape(const std::string& s) {
 }
 
 std::string workload_json(const WorkloadResult& w) {
-  std::string s = "{\"name\": " + json_str(w.name) + ", \"rw\": " + json_str(pattern_name(w.pattern)) +
+  std::string s = "{\"name\": " + json_quote(w.name) + ", \"rw\": " + json_quote(pattern_name(w.pattern)) +
                   ", \"bs\": " + std::to_string(w.block_size);
-  if (!w.skipped.empty()) return s + ", \"skipped\": " + json_str(w.skipped) + "}";
+  if (!w.skipped.empty()) return s + ", \"skipped\": " + json_quote(w.skipped) + "}";
   s += ", \"in_flight\": " + std::to_string(w.in_flight) + ", \"ios\": " + std::to_string(w.ios) +
        ", \"bytes\": " + std::to_string(w.bytes) + ", \"seconds\": " + fmt("%.6f", w.seconds) +
        ", \"mb_s\": " + fmt("%.3f", w.mb_s) + ", \"iops\": " + fmt("%.1f", w.iops) +
@@ -679,7 +663,7 @@ std::vector<std::pair<std::string, std::string>> environment_summary() {
 std::string remote_json(const RemoteReport& r) {
   const auto& o = r.options;
   std::string s = "{\"mode\": \"remote\", \"target\": " +
-                  json_str(o.host + ":" + std::to_string(o.port) + "/" + o.export_name) + ",\n";
+                  json_quote(o.host + ":" + std::to_string(o.port) + "/" + o.export_name) + ",\n";
   s += " \"options\": {\"runtime_s\": " + fmt("%.3f", o.runtime_s) + ", \"size\": " + std::to_string(o.size) +
        ", \"queues\": " + std::to_string(o.queues) + ", \"iodepth\": " + std::to_string(o.iodepth) +
        ", \"allow_write\": " + (o.allow_write ? "true" : "false") + ", \"verify\": " + (o.verify ? "true" : "false") +
@@ -687,17 +671,17 @@ std::string remote_json(const RemoteReport& r) {
   for (std::size_t i = 0; i < o.qd_sweep.size(); ++i) s += (i ? ", " : "") + std::to_string(o.qd_sweep[i]);
   s += "]},\n \"environment\": {";
   for (std::size_t i = 0; i < r.environment.size(); ++i) {
-    s += (i ? ", " : "") + json_str(r.environment[i].first) + ": " + json_str(r.environment[i].second);
+    s += (i ? ", " : "") + json_quote(r.environment[i].first) + ": " + json_quote(r.environment[i].second);
   }
   s += "},\n \"baselines\": [";
   for (std::size_t i = 0; i < r.baselines.size(); ++i) {
     const auto& b = r.baselines[i];
-    s += std::string(i ? "," : "") + "\n  {\"transport\": " + json_str(b.transport) + ", \"peer\": " + json_str(b.peer);
+    s += std::string(i ? "," : "") + "\n  {\"transport\": " + json_quote(b.transport) + ", \"peer\": " + json_quote(b.peer);
     if (!b.skipped.empty()) {
-      s += ", \"skipped\": " + json_str(b.skipped) + "}";
+      s += ", \"skipped\": " + json_quote(b.skipped) + "}";
     } else {
       s += ", \"write_mb_s\": " + fmt("%.3f", b.write_mb_s) + ", \"read_mb_s\": " + fmt("%.3f", b.read_mb_s);
-      if (!b.latency_skipped.empty()) s += ", \"latency_skipped\": " + json_str(b.latency_skipped);
+      if (!b.latency_skipped.empty()) s += ", \"latency_skipped\": " + json_quote(b.latency_skipped);
       if (b.write_lat_us >= 0) {
         s += ", \"latency_us\": {\"size\": " + std::to_string(kLatencySize) + ", \"write\": " + fmt("%.2f", b.write_lat_us) +
              ", \"read\": " + fmt("%.2f", b.read_lat_us) + "}";
@@ -708,9 +692,9 @@ std::string remote_json(const RemoteReport& r) {
   s += "],\n \"transports\": [";
   for (std::size_t i = 0; i < r.transports.size(); ++i) {
     const auto& t = r.transports[i];
-    s += std::string(i ? "," : "") + "\n  {\"name\": " + json_str(t.name);
+    s += std::string(i ? "," : "") + "\n  {\"name\": " + json_quote(t.name);
     if (!t.skipped.empty()) {
-      s += ", \"skipped\": " + json_str(t.skipped) + "}";
+      s += ", \"skipped\": " + json_quote(t.skipped) + "}";
       continue;
     }
     s += ", \"queues\": " + std::to_string(t.queues) + ", \"queue_depth\": " + std::to_string(t.queue_depth) +
@@ -724,7 +708,7 @@ std::string remote_json(const RemoteReport& r) {
       s += ",\n   \"verify\": {\"bytes\": " + std::to_string(t.verify.bytes) + ", \"blocks\": " +
            std::to_string(t.verify.blocks) + ", \"bad_blocks\": " + std::to_string(t.verify.bad_blocks) +
            ", \"first_bad_offset\": " + (t.verify.bad_blocks ? std::to_string(t.verify.first_bad_offset) : "null") +
-           ", \"error\": " + (t.verify.error.empty() ? "null" : json_str(t.verify.error)) +
+           ", \"error\": " + (t.verify.error.empty() ? "null" : json_quote(t.verify.error)) +
            ", \"ok\": " + (t.verify.ok() ? "true" : "false") + "}";
     }
     s += "}";

@@ -12,6 +12,7 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "common/json.h"
 #include "common/error.h"
 #include "initiator/attach.h"
 
@@ -204,10 +205,10 @@ int run_list(ListArgs& a) {
       const auto& s = all[i];
       std::printf("%s{\"device\": %s, \"target\": %s, \"export\": %s, \"transport\": %s, \"kernel\": %s, \"queues\": %u, "
                   "\"size\": %llu, \"read_only\": %s, \"state\": %s, \"since\": %s, \"reconnects\": %llu, \"pid\": %d}",
-                  i ? ", " : "", json_escape(s.device).c_str(), json_escape(s.target).c_str(), json_escape(s.export_name).c_str(),
-                  json_escape(s.transport).c_str(), json_escape(s.kernel).c_str(), s.queues,
+                  i ? ", " : "", json_quote(s.device).c_str(), json_quote(s.target).c_str(), json_quote(s.export_name).c_str(),
+                  json_quote(s.transport).c_str(), json_quote(s.kernel).c_str(), s.queues,
                   static_cast<unsigned long long>(s.size), s.read_only ? "true" : "false",
-                  json_escape(s.alive ? s.state : "dead").c_str(), json_escape(s.since).c_str(),
+                  json_quote(s.alive ? s.state : "dead").c_str(), json_quote(s.since).c_str(),
                   static_cast<unsigned long long>(s.reconnects), s.pid);
     }
     std::printf("]\n");

@@ -10,6 +10,7 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "common/json.h"
 #include "common/auth.h"
 #include "common/checksum.h"
 #include "common/error.h"
@@ -61,7 +62,7 @@ std::string flags_of(const proto::ExportInfo& e) {
 void print_export_json(const proto::ExportInfo& e) {
   std::printf("{\"name\": %s, \"size\": %llu, \"block_size\": %u, \"read_only\": %s, \"shared\": %s, \"trim\": %s, "
               "\"readers\": %u, \"writers\": %u}",
-              json_escape(e.name()).c_str(), static_cast<unsigned long long>(e.size()), e.block_size(),
+              json_quote(e.name()).c_str(), static_cast<unsigned long long>(e.size()), e.block_size(),
               e.read_only() ? "true" : "false", e.shared() ? "true" : "false", e.trim() ? "true" : "false", e.readers(),
               e.writers());
 }
@@ -78,8 +79,8 @@ int run_ls(HostArgs& a) {
   auto client = Client::connect(options_for(host, port, a.c));
   const auto exports = client->list_exports();
   if (a.c.json) {
-    std::printf("{\"target\": %s, \"transport\": %s, \"exports\": [", json_escape(host + ":" + std::to_string(port)).c_str(),
-                json_escape(client->transport(0)).c_str());
+    std::printf("{\"target\": %s, \"transport\": %s, \"exports\": [", json_quote(host + ":" + std::to_string(port)).c_str(),
+                json_quote(client->transport(0)).c_str());
     for (std::size_t i = 0; i < exports.size(); ++i) {
       if (i) std::printf(", ");
       print_export_json(exports[i]);
@@ -136,12 +137,12 @@ int run_stats(HostArgs& a) {
     for (int i = 0; i < s.sessions_size(); ++i) {
       const auto& x = s.sessions(i);
       std::string transports, exports;
-      for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ", ") + json_escape(t);
-      for (const auto& e : x.exports()) exports += (exports.empty() ? "" : ", ") + json_escape(e);
+      for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ", ") + json_quote(t);
+      for (const auto& e : x.exports()) exports += (exports.empty() ? "" : ", ") + json_quote(e);
       std::printf("%s{\"id\": \"%016llx\", \"client\": %s, \"name\": %s, \"transports\": [%s], \"exports\": [%s], "
                   "\"reads\": %llu, \"writes\": %llu, \"bytes_read\": %llu, \"bytes_written\": %llu, \"errors\": %llu}",
-                  i ? ", " : "", static_cast<unsigned long long>(x.session_id()), json_escape(x.client()).c_str(),
-                  json_escape(x.client_name()).c_str(), transports.c_str(), exports.c_str(),
+                  i ? ", " : "", static_cast<unsigned long long>(x.session_id()), json_quote(x.client()).c_str(),
+                  json_quote(x.client_name()).c_str(), transports.c_str(), exports.c_str(),
                   static_cast<unsigned long long>(x.reads()), static_cast<unsigned long long>(x.writes()),
                   static_cast<unsigned long long>(x.bytes_read()), static_cast<unsigned long long>(x.bytes_written()),
                   static_cast<unsigned long long>(x.errors()));

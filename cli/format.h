@@ -1,12 +1,11 @@
 #pragma once
-// Small output helpers shared by the subcommands: sizes, rates, JSON strings, progress bars.
+// Small output helpers shared by the subcommands: sizes and progress bars.
 #include <cstdint>
 #include <string>
 
 namespace ibdisk::cli {
 
 std::string human_bytes(std::uint64_t bytes);  // "1.0 GiB"
-std::string json_escape(const std::string& s);  // with the surrounding quotes
 
 // A one-line progress bar on stderr, redrawn in place when stderr is a terminal and printed
 // every few seconds otherwise.

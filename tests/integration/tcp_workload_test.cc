@@ -38,18 +38,7 @@ ClientOptions client_for(std::uint16_t port, unsigned queues = 1, unsigned depth
   return c;
 }
 
-// Runs one request synchronously; returns its status.
-template <typename Fn>
-int sync(Client& c, Fn&& fn) {
-  bool done = false;
-  int status = 1;
-  fn([&](int st) {
-    status = st;
-    done = true;
-  });
-  c.run_until([&] { return done; });
-  return status;
-}
+using testing::sync;
 
 // Random reads and writes (512 B to 1 MiB, 4 queues x depth 16) on a 1 GiB sparse export:
 // every byte read back matches a reference model. Requests in flight never overlap, so the

@@ -48,17 +48,7 @@ ClientOptions client_for(std::uint16_t port, unsigned queues, unsigned depth, co
   return c;
 }
 
-template <typename Fn>
-int sync(Client& c, Fn&& fn) {
-  bool done = false;
-  int status = 1;
-  fn([&](int st) {
-    status = st;
-    done = true;
-  });
-  c.run_until([&] { return done; });
-  return status;
-}
+using testing::sync;
 
 struct WorkloadResult {
   unsigned completed = 0, errors = 0, mismatches = 0;

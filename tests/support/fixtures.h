@@ -7,6 +7,7 @@
 #include <string>
 #include <thread>
 
+#include "initiator/client.h"
 #include "target/server.h"
 
 namespace ibdisk::testing {
@@ -31,6 +32,19 @@ target::ServerOptions loopback_target(const std::string& path, bool read_only = 
 
 // A TCP port on 127.0.0.1 that was free a moment ago.
 std::uint16_t free_port();
+
+// Runs one asynchronous Client request to completion; returns its status.
+template <typename Fn>
+int sync(initiator::Client& c, Fn&& fn) {
+  bool done = false;
+  int status = 1;
+  fn([&](int st) {
+    status = st;
+    done = true;
+  });
+  c.run_until([&] { return done; });
+  return status;
+}
 
 // An ibdisk target running in this process until destroyed.
 class ServerThread {

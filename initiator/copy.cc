@@ -47,6 +47,23 @@ std::string io_error(const char* what, std::uint64_t offset, int status) {
   return std::string(what) + " at offset " + std::to_string(offset) + ": " + errno_text(-status);
 }
 
+// pread or pwrite until len bytes have moved. Returns 0, or -errno (-EIO at an early end of file)
+// with *failed_at set to the offset where it stopped.
+template <typename Op>
+int move_all(Op op, int fd, std::byte* buf, std::size_t len, std::uint64_t off, std::uint64_t* failed_at) {
+  std::size_t done = 0;
+  while (done < len) {
+    const ssize_t n = op(fd, buf + done, len - done, static_cast<off_t>(off + done));
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
+      *failed_at = off + done;
+      return n < 0 ? -errno : -EIO;
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  return 0;
+}
+
 unsigned slots_for(Client& c) {
   unsigned n = 0;
   for (unsigned q = 0; q < c.queue_count(); ++q) n += c.queue_depth(q);
@@ -109,15 +126,10 @@ CopyResult download(Client& client, std::uint32_t handle, std::uint64_t size, in
           if (sparse_dest && all_zero(buf, len)) {
             r.skipped_zero_bytes += len;
           } else {
-            std::size_t put = 0;
-            while (put < len) {
-              const ssize_t n = ::pwrite(fd, buf + put, len - put, static_cast<off_t>(off + put));
-              if (n <= 0) {
-                if (n < 0 && errno == EINTR) continue;
-                if (error.empty()) error = io_error("writing the destination", off + put, n < 0 ? -errno : -EIO);
-                return done(false);
-              }
-              put += static_cast<std::size_t>(n);
+            std::uint64_t at = 0;
+            if (const int st = move_all(::pwrite, fd, buf, len, off, &at); st < 0) {
+              if (error.empty()) error = io_error("writing the destination", at, st);
+              return done(false);
             }
           }
           done(true);
@@ -136,15 +148,10 @@ CopyResult upload(Client& client, std::uint32_t handle, std::uint64_t size, int 
   pipeline(
       client, size, opts,
       [&](unsigned q, std::uint64_t off, std::uint32_t len, std::byte* buf, auto done) {
-        std::size_t got = 0;
-        while (got < len) {
-          const ssize_t n = ::pread(fd, buf + got, len - got, static_cast<off_t>(off + got));
-          if (n <= 0) {
-            if (n < 0 && errno == EINTR) continue;
-            if (error.empty()) error = io_error("reading the source", off + got, n < 0 ? -errno : -EIO);
-            return done(false);
-          }
-          got += static_cast<std::size_t>(n);
+        std::uint64_t at = 0;
+        if (const int st = move_all(::pread, fd, buf, len, off, &at); st < 0) {
+          if (error.empty()) error = io_error("reading the source", at, st);
+          return done(false);
         }
         auto finish = [&, off, done](int st) {
           if (st < 0 && error.empty()) error = io_error("writing the export", off, st);

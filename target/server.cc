@@ -1,5 +1,9 @@
 #include "target/server.h"
 
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <set>
@@ -401,6 +405,12 @@ class QueueHandler final : public ServerConnection::Handler {
     for (const auto& e : shared_.registry.list()) fill_info(s->add_exports(), e);
     s->set_rejected_connections(shared_.rejected);
     s->set_protocol_errors(shared_.protocol_errors);
+    rusage ru{};
+    ::getrusage(RUSAGE_SELF, &ru);
+    const auto us = [](const timeval& tv) { return static_cast<std::uint64_t>(tv.tv_sec) * 1000000 + static_cast<std::uint64_t>(tv.tv_usec); };
+    s->set_cpu_user_us(us(ru.ru_utime));
+    s->set_cpu_system_us(us(ru.ru_stime));
+    s->set_online_cpus(static_cast<std::uint32_t>(std::max(1L, ::sysconf(_SC_NPROCESSORS_ONLN))));
     std::lock_guard lock(shared_.sessions_mu);
     for (const auto& [id, sess] : shared_.sessions) {
       auto* out = s->add_sessions();

@@ -72,6 +72,51 @@ double process_cpu_seconds(int pid) {
   return static_cast<double>(utime + stime) / static_cast<double>(::sysconf(_SC_CLK_TCK));
 }
 
+// The target's CPU seconds around a workload: from /proc for --server-pid (a process on this
+// host), else from the target's own Stats reply, asked over a separate one-queue TCP session
+// because the measured session is past its setup phase and takes no control calls.
+class TargetCpu {
+ public:
+  TargetCpu(const RemoteOptions& opts, initiator::ClientOptions co) : pid_(opts.server_pid) {
+    if (pid_ > 0) {
+      source = "pid";
+      return;
+    }
+    co.transport = "tcp";
+    co.queues = 1;
+    co.queue_depth = 1;
+    co.client_name = "ibdisk-bench-stats";
+    try {
+      control_ = Client::connect(co);
+      const auto st = control_->stats();
+      if (st.cpu_user_us() == 0 && st.cpu_system_us() == 0) {
+        source = "the target does not report its CPU time (an older ibdisk); give --server-pid on its host";
+        control_.reset();
+      } else {
+        source = "stats";
+      }
+    } catch (const std::exception& e) {
+      source = std::string("cannot ask the target for its CPU time: ") + e.what();
+    }
+  }
+  // CPU seconds the target has used, or -1 when unknown.
+  double seconds() {
+    if (pid_ > 0) return process_cpu_seconds(pid_);
+    if (!control_) return -1;
+    try {
+      const auto st = control_->stats();
+      return static_cast<double>(st.cpu_user_us() + st.cpu_system_us()) / 1e6;
+    } catch (const std::exception&) {
+      return -1;
+    }
+  }
+  std::string source;  // "pid", "stats", or why the target's CPU is not measured
+
+ private:
+  int pid_;
+  std::unique_ptr<Client> control_;
+};
+
 struct AlignedBuffer {
   explicit AlignedBuffer(std::size_t n) : size(n) {
     void* p = nullptr;
@@ -172,8 +217,8 @@ struct IoRun {
   }
 };
 
-WorkloadResult run_workload(Client& client, std::uint32_t handle, std::uint64_t size, const std::string& name,
-                            Pattern pattern, std::uint32_t block_size, unsigned in_flight, const RemoteOptions& opts,
+WorkloadResult run_workload(Client& client, TargetCpu& target_cpu, std::uint32_t handle, std::uint64_t size,
+                            const std::string& name, Pattern pattern, std::uint32_t block_size, unsigned in_flight, const RemoteOptions& opts,
                             const std::function<void(double)>& progress) {
   WorkloadResult w;
   w.name = name;
@@ -196,7 +241,7 @@ WorkloadResult run_workload(Client& client, std::uint32_t handle, std::uint64_t 
     slots[i].queue = i % client.queue_count();
   }
 
-  const double server0 = process_cpu_seconds(opts.server_pid);
+  const double server0 = target_cpu.seconds();
   const double client0 = thread_cpu_seconds();
   const auto start = Clock::now();
   const auto runtime = std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(opts.runtime_s));
@@ -211,7 +256,7 @@ WorkloadResult run_workload(Client& client, std::uint32_t handle, std::uint64_t 
     return run.active == 0;
   });
   const double client1 = thread_cpu_seconds();
-  const double server1 = process_cpu_seconds(opts.server_pid);
+  const double server1 = target_cpu.seconds();
 
   if (run.error != 0) {
     throw SystemError(std::string(name) + " over " + client.transport(0) + ": " + (is_write(pattern) ? "write" : "read") +
@@ -467,6 +512,10 @@ void apply_fractions(RemoteReport& r) {
   }
 }
 
+bool wanted(const RemoteOptions& opts, const std::string& workload) {
+  return opts.workloads.empty() || std::find(opts.workloads.begin(), opts.workloads.end(), workload) != opts.workloads.end();
+}
+
 TransportResult run_transport(const RemoteOptions& opts, const std::string& transport, double step0, double steps,
                               const RemoteProgress& progress) {
   TransportResult t;
@@ -502,6 +551,8 @@ TransportResult run_transport(const RemoteOptions& opts, const std::string& tran
                           std::to_string(t.export_size) + " bytes)",
                       "give a smaller --size");
   }
+  TargetCpu target_cpu(opts, co);
+  t.server_cpu = target_cpu.source;
   t.used_size = opts.size ? opts.size : t.export_size;
   if (t.used_size < (1u << 20)) {
     throw SystemError("bench " + opts.host + "/" + opts.export_name,
@@ -515,6 +566,7 @@ TransportResult run_transport(const RemoteOptions& opts, const std::string& tran
     };
   };
   for (const auto& spec : kWorkloads) {
+    if (!wanted(opts, spec.name)) continue;
     if (is_write(spec.pattern) && !opts.allow_write) {
       WorkloadResult w;
       w.name = spec.name;
@@ -526,12 +578,12 @@ TransportResult run_transport(const RemoteOptions& opts, const std::string& tran
       continue;
     }
     const std::uint32_t bs = std::min(spec.block_size, client->max_io());
-    t.workloads.push_back(run_workload(*client, opened.handle(), t.used_size, spec.name, spec.pattern, bs,
+    t.workloads.push_back(run_workload(*client, target_cpu, opened.handle(), t.used_size, spec.name, spec.pattern, bs,
                                        opts.iodepth * t.queues, opts, sub(spec.name)));
     step += 1;
   }
   for (const unsigned qd : opts.qd_sweep) {
-    t.sweep.push_back(run_workload(*client, opened.handle(), t.used_size, "randread", Pattern::kRandRead, 4096, qd, opts,
+    t.sweep.push_back(run_workload(*client, target_cpu, opened.handle(), t.used_size, "randread", Pattern::kRandRead, 4096, qd, opts,
                                    sub("randread qd " + std::to_string(qd))));
     step += 1;
   }
@@ -603,6 +655,11 @@ RemoteReport run_remote(const RemoteOptions& opts, const RemoteProgress& progres
   for (const auto& t : opts.transports) {
     if (t != "rdma" && t != "tcp") throw SystemError(what, "transport '" + t + "' is unknown", "give --transports rdma,tcp or one of them");
   }
+  for (const auto& w : opts.workloads) {
+    if (std::none_of(std::begin(kWorkloads), std::end(kWorkloads), [&](const WorkloadSpec& s) { return w == s.name; })) {
+      throw SystemError(what, "workload '" + w + "' is unknown", "give --workloads as a list of seqread, seqwrite, randread, randwrite");
+    }
+  }
   RemoteReport r;
   r.options = opts;
   r.environment = environment_summary();
@@ -610,7 +667,21 @@ RemoteReport run_remote(const RemoteOptions& opts, const RemoteProgress& progres
     if (progress) progress("link baselines", 0);
     r.baselines = run_baselines(opts);
   }
-  const double per_transport = static_cast<double>(std::size(kWorkloads) + opts.qd_sweep.size() + (opts.verify ? 1 : 0));
+  if (opts.cross_check) {
+    if (progress) progress("perftest and iperf3 cross-checks", 0);
+    CrossCheckOptions co;
+    co.host = opts.host;
+    co.seconds = opts.runtime_s;
+    co.perftest_iterations = opts.cross_check_iterations;
+    co.in_flight = std::max(1u, opts.iodepth * opts.queues);  // as the sequential workloads
+    co.start_servers = is_local_address(opts.host);
+    co.rdma = std::find(opts.transports.begin(), opts.transports.end(), "rdma") != opts.transports.end();
+    co.tcp = std::find(opts.transports.begin(), opts.transports.end(), "tcp") != opts.transports.end();
+    r.cross_checks = run_cross_checks(co);
+  }
+  const auto workloads = std::count_if(std::begin(kWorkloads), std::end(kWorkloads),
+                                       [&](const WorkloadSpec& s) { return wanted(opts, s.name); });
+  const double per_transport = static_cast<double>(static_cast<std::size_t>(workloads) + opts.qd_sweep.size() + (opts.verify ? 1 : 0));
   const double steps = per_transport * static_cast<double>(opts.transports.size());
   double step = 0;
   for (const auto& t : opts.transports) {
@@ -669,6 +740,8 @@ std::string remote_json(const RemoteReport& r) {
        ", \"allow_write\": " + (o.allow_write ? "true" : "false") + ", \"verify\": " + (o.verify ? "true" : "false") +
        ", \"qd_sweep\": [";
   for (std::size_t i = 0; i < o.qd_sweep.size(); ++i) s += (i ? ", " : "") + std::to_string(o.qd_sweep[i]);
+  s += "], \"workloads\": [";
+  for (std::size_t i = 0; i < o.workloads.size(); ++i) s += (i ? ", " : "") + json_quote(o.workloads[i]);
   s += "]},\n \"environment\": {";
   for (std::size_t i = 0; i < r.environment.size(); ++i) {
     s += (i ? ", " : "") + json_quote(r.environment[i].first) + ": " + json_quote(r.environment[i].second);
@@ -689,6 +762,21 @@ std::string remote_json(const RemoteReport& r) {
       s += std::string(", \"checksums_match\": ") + (b.checksums_match ? "true" : "false") + "}";
     }
   }
+  s += "],\n \"cross_checks\": [";
+  for (std::size_t i = 0; i < r.cross_checks.size(); ++i) {
+    const auto& c = r.cross_checks[i];
+    const Baseline* b = baseline_for(r, c.transport);
+    const double own = !b || !b->skipped.empty() ? -1 : c.direction == "write" ? b->write_mb_s : b->read_mb_s;
+    s += std::string(i ? "," : "") + "\n  {\"tool\": " + json_quote(c.tool) + ", \"transport\": " + json_quote(c.transport) +
+         ", \"direction\": " + json_quote(c.direction) + ", \"command\": " + json_quote(c.command);
+    if (!c.server_command.empty()) s += ", \"server_command\": " + json_quote(c.server_command);
+    if (!c.skipped.empty()) {
+      s += ", \"skipped\": " + json_quote(c.skipped) + "}";
+      continue;
+    }
+    s += ", \"mb_s\": " + fmt("%.3f", c.mb_s) + ", \"baseline_mb_s\": " + (own > 0 ? fmt("%.3f", own) : "null") +
+         ", \"baseline_ratio\": " + (own > 0 ? fmt("%.4f", own / c.mb_s) : "null") + "}";
+  }
   s += "],\n \"transports\": [";
   for (std::size_t i = 0; i < r.transports.size(); ++i) {
     const auto& t = r.transports[i];
@@ -697,6 +785,7 @@ std::string remote_json(const RemoteReport& r) {
       s += ", \"skipped\": " + json_quote(t.skipped) + "}";
       continue;
     }
+    s += ", \"server_cpu\": " + json_quote(t.server_cpu);
     s += ", \"queues\": " + std::to_string(t.queues) + ", \"queue_depth\": " + std::to_string(t.queue_depth) +
          ", \"export_size\": " + std::to_string(t.export_size) + ", \"used_size\": " + std::to_string(t.used_size) +
          ",\n   \"workloads\": [";
@@ -737,6 +826,30 @@ std::string remote_text(const RemoteReport& r) {
       }
     }
   }
+  if (!r.cross_checks.empty()) s += "cross-checks (perftest, iperf3; self-test/tool in the same direction):\n";
+  bool need_servers = false;
+  for (const auto& c : r.cross_checks) {
+    if (!c.skipped.empty()) {
+      s += "  " + c.transport + " " + c.direction + " " + c.tool + ": skipped: " + c.skipped + "\n";
+      need_servers = need_servers || !c.server_command.empty();
+      continue;
+    }
+    const Baseline* b = baseline_for(r, c.transport);
+    const double own = !b || !b->skipped.empty() ? -1 : c.direction == "write" ? b->write_mb_s : b->read_mb_s;
+    std::snprintf(line, sizeof line, "  %-4s  %-5s %-11s %9.1f MB/s  self-test %s\n", c.transport.c_str(),
+                  c.direction.c_str(), c.tool.c_str(), c.mb_s,
+                  own > 0 ? (fmt("%.1f MB/s", own) + " (" + fmt("%.2fx", own / c.mb_s) + ")").c_str() : "-");
+    s += line;
+  }
+  if (need_servers) {
+    CrossCheckOptions co;
+    co.seconds = r.options.runtime_s;
+    co.perftest_iterations = r.options.cross_check_iterations;
+    co.in_flight = std::max(1u, r.options.iodepth * r.options.queues);
+    s += "  to cross-check, start on " + r.options.host + ":\n";
+    std::istringstream cmds(cross_check_server_commands(co));
+    for (std::string c; std::getline(cmds, c);) s += "    " + c + "\n";
+  }
   std::snprintf(line, sizeof line, "\n%-5s %-10s %7s %5s %10s %10s %8s %8s %8s %8s %9s %6s %6s %6s\n", "link",
                 "workload", "bs", "qd", "MB/s", "IOPS", "min us", "p50 us", "p99 us", "p99.9 us", "max us", "cli%",
                 "srv%", "link%");
@@ -776,7 +889,8 @@ std::string remote_text(const RemoteReport& r) {
       }
     }
   }
-  s += "(srv%: the target's CPU, given --server-pid; link%: MB/s as a fraction of the baseline in the same direction)\n";
+  s += "(srv%: the target's CPU, % of one core, from its Stats reply or /proc with --server-pid; link%: MB/s as a "
+       "fraction of the baseline in the same direction)\n";
   return s;
 }
 
@@ -946,6 +1060,20 @@ std::string remote_html(const RemoteReport& r) {
            fmt("%.1f", b.write_mb_s) + "</td><td>" + fmt("%.1f", b.read_mb_s) + "</td><td>" +
            (b.write_lat_us < 0 ? std::string("-") : fmt("%.1f", b.write_lat_us)) + "</td><td>" +
            (b.read_lat_us < 0 ? std::string("-") : fmt("%.1f", b.read_lat_us)) + "</td></tr>\n";
+    }
+  }
+  if (!r.cross_checks.empty()) {
+    s += "</table>\n<h2>Cross-checks: perftest and iperf3</h2><table><tr><th>transport</th><th>direction</th>"
+         "<th>tool</th><th>MB/s</th><th>self-test MB/s</th><th>command</th></tr>\n";
+    for (const auto& c : r.cross_checks) {
+      const Baseline* b = baseline_for(r, c.transport);
+      const double own = !b || !b->skipped.empty() ? -1 : c.direction == "write" ? b->write_mb_s : b->read_mb_s;
+      s += "<tr><td class='l'>" + c.transport + "</td><td class='l'>" + c.direction + "</td><td class='l'>" + c.tool +
+           "</td>" +
+           (c.skipped.empty() ? "<td>" + fmt("%.1f", c.mb_s) + "</td><td>" + (own > 0 ? fmt("%.1f", own) : "-") +
+                                    "</td><td class='l'>" + html_escape(c.command) + "</td>"
+                              : "<td class='l' colspan='3'>skipped: " + html_escape(c.skipped) + "</td>") +
+           "</tr>\n";
     }
   }
   s += "</table>\n<h2>Environment</h2><table>\n";

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/crosscheck.h"
 #include "bench/local.h"
 
 namespace ibdisk::bench {
@@ -24,6 +25,8 @@ struct RemoteOptions {
   unsigned queues = 1;
   unsigned iodepth = 16;     // requests in flight per queue for the four workloads
   std::vector<unsigned> qd_sweep = {1, 4, 16, 64};  // total in flight, 4 KiB random reads
+  // Of seqread, seqwrite, randread, randwrite: the ones to run; empty = all four.
+  std::vector<std::string> workloads;
   bool allow_write = false;  // write workloads and --verify overwrite the export's data
   bool verify = false;
   std::uint64_t verify_bytes = 64ull << 20;
@@ -32,7 +35,10 @@ struct RemoteOptions {
   // otherwise a host running `ibdisk selftest --listen` (HOST or HOST:PORT).
   std::string baseline_peer;
   bool baselines = true;
-  int server_pid = 0;  // the target's process on this host, for its CPU use; 0 = unknown
+  // Also measure the links with perftest and iperf3 (bench/crosscheck.h) when installed.
+  bool cross_check = false;
+  unsigned cross_check_iterations = 1000;  // perftest's 1 MiB messages per direction
+  int server_pid = 0;  // the target's process on this host, for its CPU use; 0 = ask the target
   std::uint64_t seed = 1;
 };
 
@@ -45,7 +51,7 @@ struct WorkloadResult {
   double seconds = 0, mb_s = 0, iops = 0;
   LatencySummary latency;
   double client_cpu_percent = 0;   // user+sys of the bench thread, % of one core
-  double server_cpu_percent = -1;  // of the target process; -1 = not measured
+  double server_cpu_percent = -1;  // of the target process (% of one core); -1 = not measured
   double link_fraction = -1;       // mb_s / the link baseline in the same direction; -1 = none
   std::string skipped;             // why it did not run, when it did not
 };
@@ -67,6 +73,7 @@ struct TransportResult {
   std::vector<WorkloadResult> workloads;
   std::vector<WorkloadResult> sweep;
   VerifyResult verify;
+  std::string server_cpu;  // how the target's CPU was measured: "pid", "stats", or why it was not
 };
 
 struct Baseline {
@@ -85,6 +92,7 @@ struct RemoteReport {
   RemoteOptions options;
   std::vector<TransportResult> transports;
   std::vector<Baseline> baselines;
+  std::vector<CrossCheck> cross_checks;  // with --cross-check
   std::vector<std::pair<std::string, std::string>> environment;  // label, value
   bool ok() const;  // every transport that ran verified (when asked), no workload error
 };

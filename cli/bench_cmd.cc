@@ -28,6 +28,7 @@ struct Args {
   bench::RemoteOptions remote;
   std::string transports = "rdma,tcp";
   std::string qd_sweep = "1,4,16,64";
+  std::string workloads = "seqread,seqwrite,randread,randwrite";
   std::string html;
   double timeout_s = 10;
   bool no_baselines = false;
@@ -67,6 +68,7 @@ int run_remote(Args& a) {
   o.timeout = std::chrono::milliseconds(static_cast<long>(a.timeout_s * 1000));
   o.baselines = !a.no_baselines;
   o.transports = split_list(a.transports);
+  o.workloads = split_list(a.workloads);
   o.qd_sweep.clear();
   for (const auto& q : split_list(a.qd_sweep)) {
     char* end = nullptr;
@@ -166,6 +168,8 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_option("--queues", args->remote.queues, "network mode: queues (connections)")
       ->capture_default_str()
       ->check(CLI::Range(1u, 64u));
+  sub->add_option("--workloads", args->workloads, "network mode: workloads to run, comma-separated")
+      ->capture_default_str();
   sub->add_option("--qd-sweep", args->qd_sweep, "network mode: requests in flight for the 4 KiB random-read sweep")
       ->capture_default_str();
   sub->add_flag("--allow-write", args->remote.allow_write,
@@ -177,8 +181,17 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
                   "network mode: HOST[:PORT] running `ibdisk selftest --listen` for the link baselines "
                   "(default: in-process when HOST is this host)");
   sub->add_flag("--no-baselines", args->no_baselines, "network mode: skip the link baselines");
+  sub->add_flag("--cross-check", args->remote.cross_check,
+                "network mode: also measure the links with perftest (ib_write_bw, ib_read_bw) and iperf3 when "
+                "installed; their servers are started here when HOST is this host, else bench prints the commands "
+                "to start on HOST");
+  sub->add_option("--cross-check-iterations", args->remote.cross_check_iterations,
+                  "network mode: 1 MiB messages per perftest run for --cross-check")
+      ->capture_default_str()
+      ->check(CLI::Range(5u, 1000000u));
   sub->add_option("--server-pid", args->remote.server_pid,
-                  "network mode: the target's process id on this host, to report its CPU use");
+                  "network mode: read the target's CPU use from /proc for this process on this host "
+                  "(default: from the target's Stats reply)");
   sub->add_option("-k,--key-file", args->remote.key_file, "network mode: the target's pre-shared key");
   sub->add_option("--timeout", args->timeout_s, "network mode: seconds to wait for the target")
       ->capture_default_str()

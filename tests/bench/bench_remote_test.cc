@@ -167,5 +167,106 @@ TEST_F(BenchRemote, CliJsonAndHtml) {
   EXPECT_NE(refused.output.find("--allow-write"), std::string::npos) << refused.output;
 }
 
+// Without --server-pid the target's CPU comes from its own Stats reply (a target in another
+// process, as on a remote host): every workload has a figure.
+TEST_F(BenchRemote, TargetCpuFromStatsReply) {
+  auto o = options();
+  o.baselines = false;
+  o.workloads = {"seqread", "randread"};
+  o.qd_sweep = {4};
+  const auto r = bench::run_remote(o);
+  const auto& t = r.transports.at(0);
+  ASSERT_TRUE(t.skipped.empty()) << t.skipped;
+  EXPECT_EQ(t.server_cpu, "stats");
+  ASSERT_EQ(t.workloads.size(), 2u);  // --workloads picks
+  EXPECT_EQ(t.workloads[1].name, "randread");
+  for (const auto& w : t.workloads) EXPECT_GE(w.server_cpu_percent, 0) << w.name;
+  EXPECT_GE(t.sweep.at(0).server_cpu_percent, 0);
+}
+
+// An unknown --workloads name is refused with the list of valid ones.
+TEST_F(BenchRemote, UnknownWorkloadRefused) {
+  auto o = options();
+  o.workloads = {"seqread", "scan"};
+  try {
+    bench::run_remote(o);
+    FAIL() << "an unknown workload ran";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("randwrite"), std::string::npos) << e.what();
+  }
+}
+
+// The tools' outputs as they print them (perftest 6.06 on Soft-RoCE, iperf3 3.12), trimmed.
+TEST(CrossCheckParse, PerftestAndIperf3) {
+  const std::string perftest =
+      " Data ex. method : rdma_cm\n"
+      "---------------------------------------------------------------------------------------\n"
+      " #bytes     #iterations    BW peak[MB/sec]    BW average[MB/sec]   MsgRate[Mpps]\n"
+      " 1048576    152              0.00               50.00   \t\t   0.000050\n"
+      "---------------------------------------------------------------------------------------\n";
+  EXPECT_DOUBLE_EQ(bench::parse_perftest_bw(perftest), 50.0 * 1.048576);  // perftest's MB is 2^20 bytes
+  EXPECT_DOUBLE_EQ(bench::parse_perftest_bw(" #bytes #iterations BW peak[Gb/sec] BW average[Gb/sec] MsgRate[Mpps]\n"
+                                            " 1048576 100 0.00 8.00 0.001\n"),
+                   1000.0);
+  // A run that moved nothing (perftest -D shorter than its margins) is no figure.
+  EXPECT_LT(bench::parse_perftest_bw(" #bytes #iterations BW peak[MB/sec] BW average[MB/sec] MsgRate[Mpps]\n"
+                                     " 1048576 0 0.00 0.00 0.000000\n"),
+            0);
+  EXPECT_LT(bench::parse_perftest_bw("Unable to init the socket connection\n"), 0);
+  const std::string iperf3 = R"({"start": {"version": "iperf 3.12"}, "intervals": [],
+    "end": {"sum_sent": {"bits_per_second": 206434074.9}, "sum_received": {"bits_per_second": 195962025.18}}})";
+  EXPECT_NEAR(bench::parse_iperf3_json(iperf3), 24.495, 0.001);
+  EXPECT_LT(bench::parse_iperf3_json(R"({"error": "unable to connect to server: Connection refused"})"), 0);
+  EXPECT_LT(bench::parse_iperf3_json("iperf3: error"), 0);
+}
+
+// --cross-check on this host: bench starts iperf3's server itself and reports both directions
+// beside the TCP self-test baseline; perftest without an RDMA device is a skip with the reason.
+TEST_F(BenchRemote, CrossCheckWithIperf3) {
+  if (testing::run({"/bin/sh", "-c", "command -v iperf3"}).exit_code != 0) GTEST_SKIP() << "iperf3 is not installed";
+  auto o = options();
+  o.transports = {"rdma", "tcp"};
+  o.workloads = {"seqread"};
+  o.qd_sweep = {};
+  o.runtime_s = 1;
+  o.cross_check = true;
+  o.cross_check_iterations = 20;
+  const auto r = bench::run_remote(o);
+  ASSERT_EQ(r.cross_checks.size(), 4u);
+  for (const auto& c : r.cross_checks) {
+    if (c.tool == "iperf3") {
+      EXPECT_TRUE(c.skipped.empty()) << c.direction << ": " << c.skipped;
+      EXPECT_GT(c.mb_s, 0) << c.direction;
+      EXPECT_TRUE(c.server_command.empty());  // started here
+    } else {
+      EXPECT_EQ(c.transport, "rdma");
+      if (c.skipped.empty()) {
+        EXPECT_GT(c.mb_s, 0);  // a host with an RDMA device
+      }
+    }
+  }
+  EXPECT_EQ(r.cross_checks[2].direction, "write");
+  EXPECT_EQ(r.cross_checks[3].direction, "read");
+  const auto j = nlohmann::json::parse(bench::remote_json(r));
+  ASSERT_EQ(j["cross_checks"].size(), 4u);
+  EXPECT_GT(j["cross_checks"][3]["mb_s"].get<double>(), 0);
+  EXPECT_GT(j["cross_checks"][3]["baseline_mb_s"].get<double>(), 0);
+  EXPECT_NE(bench::remote_text(r).find("iperf3"), std::string::npos);
+  EXPECT_NE(bench::remote_html(r).find("Cross-checks"), std::string::npos);
+}
+
+// Against a host that is not this one, the servers are the user's to start: the commands are given.
+TEST(CrossCheck, RemoteHostNamesTheServerCommands) {
+  bench::CrossCheckOptions o;
+  o.host = "192.0.2.1";  // TEST-NET-1: nothing answers
+  o.seconds = 1;
+  o.rdma = false;
+  const auto cmds = bench::cross_check_server_commands(o);
+  EXPECT_NE(cmds.find("iperf3 -s -p 5201"), std::string::npos) << cmds;
+  o.rdma = true;
+  EXPECT_NE(bench::cross_check_server_commands(o).find("ib_read_bw -R -F -s 1048576 -n 1000 -t 8 -p 18516 -o 8"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace ibdisk

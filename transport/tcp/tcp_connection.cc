@@ -1,6 +1,7 @@
 #include "transport/tcp/tcp_connection.h"
 
 #include <deque>
+#include <limits>
 #include <unordered_map>
 
 #include "common/error.h"
@@ -20,10 +21,17 @@ auto log() {
 
 // Buffer sizes stay with the kernel: setting SO_SNDBUF/SO_RCVBUF turns off autotuning, which
 // measured slower on loopback.
+// Non-blocking for the Writer, which writes until the socket is full.
 void tune(tcp::socket& s) {
   error_code ec;
   s.set_option(tcp::no_delay(true), ec);
+  s.non_blocking(true, ec);
 }
+
+// Completion condition for async_read/async_write without Asio's default cap of 64 KiB per
+// system call (transfer_all): a 1 MiB payload or a batch of replies moves in as few
+// recvmsg/sendmsg calls as the socket allows, not one call and one scheduler turn per 64 KiB.
+std::size_t whole(const error_code& ec, std::size_t) { return ec ? 0 : std::numeric_limits<std::size_t>::max(); }
 
 std::string endpoint_text(const tcp::socket& s) {
   error_code ec;
@@ -43,42 +51,93 @@ struct OutFrame {
   Slot* release = nullptr;  // a read's slot, free again once sent
 };
 
-// Output queue shared by both roles: frames queue while a write is in progress, then go out
-// together in one gathered write.
+// Output queue shared by both roles. Frames queued during one handler turn go out together in
+// one gathered sendmsg; the socket is written until it is full (EAGAIN) before waiting for room,
+// and each frame is reported sent as soon as its last byte is in the socket, so a read's slot
+// frees while later replies are still going out.
 class Writer {
  public:
+  struct Events {
+    virtual void frame_sent(OutFrame& f) = 0;           // f's last byte is in the socket
+    virtual void send_failed(const error_code& ec) = 0;  // once; nothing more is sent
+    virtual void drained() = 0;                          // every queued frame is sent
+  };
   explicit Writer(tcp::socket& s) : sock_(s) {}
-  template <typename OnDone>
-  void push(OutFrame&& f, OnDone&& on_sent) {
-    pending_.push_back(std::move(f));
-    if (!busy_) flush(std::forward<OnDone>(on_sent));
-  }
-  template <typename OnDone>
-  void flush(OnDone on_sent) {
-    if (pending_.empty()) return;
-    busy_ = true;
-    writing_.clear();
-    std::swap(writing_, pending_);
-    bufs_.clear();
-    for (auto& f : writing_) {
-      if (f.head_len) bufs_.emplace_back(f.head.data(), f.head_len);
-      if (!f.control.empty()) bufs_.emplace_back(f.control.data(), f.control.size());
-      if (f.data_len) bufs_.emplace_back(f.data, f.data_len);
+
+  void push(OutFrame&& f) { queue_.push_back(std::move(f)); }
+  bool idle() const { return queue_.empty(); }
+  // Whether a send is scheduled (posted or waiting for room): push() then needs no new one.
+  bool scheduled() const { return scheduled_; }
+  void set_scheduled(bool s) { scheduled_ = s; }
+
+  // Sends until the queue is empty (returns false) or the socket is full (returns true: wait
+  // for room, then call again). Events may push more frames; they go out in the same loop.
+  bool send(Events& ev) {
+    if (failed_) return false;
+    while (!queue_.empty()) {
+      bufs_.clear();
+      std::size_t skip = sent_;
+      for (auto& f : queue_) {
+        if (bufs_.size() + 3 > kMaxBuffers) break;
+        add(asio::buffer(f.head.data(), f.head_len), &skip);
+        add(asio::buffer(f.control), &skip);
+        add(asio::buffer(f.data, f.data_len), &skip);
+      }
+      error_code ec;
+      std::size_t n = sock_.write_some(bufs_, ec);
+      if (ec == asio::error::would_block || ec == asio::error::try_again) return true;
+      if (ec == asio::error::interrupted) continue;
+      if (ec) {
+        failed_ = true;
+        ev.send_failed(ec);
+        return false;
+      }
+      // Retire the frames this write finished.
+      n += sent_;
+      sent_ = 0;
+      while (!queue_.empty()) {
+        OutFrame& f = queue_.front();
+        const std::size_t len = f.head_len + f.control.size() + f.data_len;
+        if (n < len) {
+          sent_ = n;
+          break;
+        }
+        n -= len;
+        OutFrame done = std::move(f);
+        queue_.pop_front();
+        ev.frame_sent(done);
+        if (failed_) return false;
+      }
     }
-    asio::async_write(sock_, bufs_, [this, on_sent](const error_code& ec, std::size_t) {
-      busy_ = false;
-      on_sent(ec, writing_);
-      if (!ec) flush(on_sent);
-    });
+    ev.drained();
+    return false;
   }
-  bool idle() const { return !busy_ && pending_.empty(); }
+
+  // After an error: the frames that never went out, for their slots.
+  std::deque<OutFrame> take_unsent() {
+    failed_ = true;
+    sent_ = 0;
+    return std::exchange(queue_, {});
+  }
 
  private:
+  static constexpr std::size_t kMaxBuffers = 64;  // Asio gathers at most 64 buffers per call
+
+  void add(asio::const_buffer b, std::size_t* skip) {
+    if (b.size() <= *skip) {
+      *skip -= b.size();
+      return;
+    }
+    bufs_.push_back(b + *skip);
+    *skip = 0;
+  }
+
   tcp::socket& sock_;
-  std::deque<OutFrame> pending_;
-  std::deque<OutFrame> writing_;
+  std::deque<OutFrame> queue_;
+  std::size_t sent_ = 0;  // bytes of queue_.front() already sent
   std::vector<asio::const_buffer> bufs_;
-  bool busy_ = false;
+  bool scheduled_ = false;
+  bool failed_ = false;
 };
 
 OutFrame control_frame(const proto::Control& msg) {
@@ -99,6 +158,7 @@ proto::Control error_message(proto::ErrorCode code, const std::string& text) {
 
 // ---------------------------------------------------------------------------------------------
 class TcpServerConnection final : public ServerConnection,
+                                  private Writer::Events,
                                   public std::enable_shared_from_this<TcpServerConnection> {
  public:
   TcpServerConnection(tcp::socket s, BufferPool& pool)
@@ -145,8 +205,9 @@ class TcpServerConnection final : public ServerConnection,
   }
 
   void close() override {
+    if (!closing_) close_reason_ = "closed by the target";
     closing_ = true;
-    if (writer_.idle()) fail("closed by the target");
+    if (writer_.idle() && !writer_.scheduled()) fail(close_reason_);
   }
 
  private:
@@ -155,17 +216,31 @@ class TcpServerConnection final : public ServerConnection,
       if (f.release) free_.push_back(f.release);
       return;
     }
-    auto self = shared_from_this();
-    writer_.push(std::move(f), [self](const error_code& ec, std::deque<OutFrame>& sent) {
-      for (auto& s : sent) {
-        if (s.release) self->slot_freed(s.release);
-      }
-      if (ec) {
-        self->fail("sending: " + ec.message());
-      } else if (self->closing_ && self->writer_.idle()) {
-        self->fail("closed by the target");
-      }
-    });
+    writer_.push(std::move(f));
+    if (writer_.scheduled()) return;
+    // Send at the end of this handler turn: replies the engine completed together share a sendmsg.
+    writer_.set_scheduled(true);
+    asio::post(sock_.get_executor(), [self = shared_from_this()] { self->send_now(); });
+  }
+
+  void send_now() {
+    if (!dead_ && writer_.send(*this)) {
+      sock_.async_wait(tcp::socket::wait_write, [self = shared_from_this()](const error_code& ec) {
+        if (ec && !self->dead_) self->fail("sending: " + ec.message());
+        if (ec) return self->writer_.set_scheduled(false);
+        self->send_now();
+      });
+      return;
+    }
+    writer_.set_scheduled(false);
+  }
+
+  void frame_sent(OutFrame& f) override {
+    if (f.release) slot_freed(f.release);
+  }
+  void send_failed(const error_code& ec) override { fail(closing_ ? close_reason_ : "sending: " + ec.message()); }
+  void drained() override {
+    if (closing_) fail(close_reason_);
   }
 
   void shutdown() {
@@ -185,12 +260,9 @@ class TcpServerConnection final : public ServerConnection,
   // A protocol violation: tell the peer why (best effort), then close.
   void violation(const std::string& what) {
     log()->warn("{}: protocol error: {}; closing the connection", peer_, what);
+    if (!closing_) close_reason_ = "protocol error: " + what;
     closing_ = true;
-    OutFrame f = control_frame(error_message(proto::ERROR_PROTOCOL, what));
-    auto self = shared_from_this();
-    writer_.push(std::move(f), [self, what](const error_code&, std::deque<OutFrame>&) {
-      self->fail("protocol error: " + what);
-    });
+    push(control_frame(error_message(proto::ERROR_PROTOCOL, what)));
   }
 
   void read_header() {
@@ -277,7 +349,7 @@ class TcpServerConnection final : public ServerConnection,
       return;
     }
     auto self = shared_from_this();
-    asio::async_read(sock_, asio::buffer(slot->data, cmd.length), [self, cmd, slot](const error_code& ec, std::size_t) {
+    asio::async_read(sock_, asio::buffer(slot->data, cmd.length), whole, [self, cmd, slot](const error_code& ec, std::size_t) {
       if (ec) {
         self->free_.push_back(slot);
         return self->fail(ec.message());
@@ -298,13 +370,14 @@ class TcpServerConnection final : public ServerConnection,
   std::array<std::byte, wire::kCommandSize> cap_{};
   std::vector<char> ctrl_;
   bool closing_ = false;
+  std::string close_reason_;  // reported once the output drains after closing_
   bool dead_ = false;
   bool parked_ = false;
   wire::Command parked_cmd_;
 };
 
 // ---------------------------------------------------------------------------------------------
-class TcpClientConnection final : public ClientConnection {
+class TcpClientConnection final : public ClientConnection, private Writer::Events {
  public:
   TcpClientConnection(asio::io_context& io, tcp::socket s, std::chrono::milliseconds timeout)
       : io_(io), sock_(std::move(s)), writer_(sock_), peer_(endpoint_text(sock_)), timeout_(timeout) {
@@ -388,9 +461,12 @@ class TcpClientConnection final : public ClientConnection {
       f.data = buffer;
       f.data_len = cmd.length;
     }
-    writer_.push(std::move(f), [this](const error_code& ec, std::deque<OutFrame>&) {
-      if (ec) fail("sending: " + ec.message());
-    });
+    writer_.push(std::move(f));
+    if (!writer_.scheduled()) {
+      // Commands submitted in one handler turn (a refill of the pipeline) share a sendmsg.
+      writer_.set_scheduled(true);
+      asio::post(io_, [this] { send_now(); });
+    }
     return 0;
   }
 
@@ -413,6 +489,21 @@ class TcpClientConnection final : public ClientConnection {
     sock_.close(ec);
     if (on_closed_) on_closed_(reason);
   }
+
+  void send_now() {
+    if (!dead_ && writer_.send(*this)) {
+      sock_.async_wait(tcp::socket::wait_write, [this](const error_code& ec) {
+        if (ec && !dead_) fail("sending: " + ec.message());
+        if (ec) return writer_.set_scheduled(false);
+        send_now();
+      });
+      return;
+    }
+    writer_.set_scheduled(false);
+  }
+  void frame_sent(OutFrame&) override {}
+  void send_failed(const error_code& ec) override { fail("sending: " + ec.message()); }
+  void drained() override {}
 
   void read_header() {
     asio::async_read(sock_, asio::buffer(hdr_), [this](const error_code& ec, std::size_t) {
@@ -461,7 +552,7 @@ class TcpClientConnection final : public ClientConnection {
       if (!dead_) read_header();
       return;
     }
-    asio::async_read(sock_, asio::buffer(p.buffer, payload), [this, c](const error_code& ec, std::size_t) {
+    asio::async_read(sock_, asio::buffer(p.buffer, payload), whole, [this, c](const error_code& ec, std::size_t) {
       if (ec) return fail(ec.message());
       inflight_.erase(c.tag);
       on_complete_(c);

@@ -157,6 +157,7 @@ std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
   std::unique_ptr<Client> c(new Client());
   c->opts_ = opts;
   c->key_ = opts.key_file.empty() ? std::string() : load_key_file(opts.key_file);
+  c->session_id_ = opts.join_session;
   const std::string where = opts.host + ":" + std::to_string(opts.port);
   bool try_rdma = opts.transport != "tcp";
   for (unsigned i = 0; i < opts.queues; ++i) {

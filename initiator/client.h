@@ -37,6 +37,9 @@ struct ClientOptions {
   std::string transport = "auto";
   std::uint16_t rdma_port = 0;  // RDMA CM port; 0: the same number as `port`
   std::chrono::milliseconds rdma_timeout{2500};  // for the RDMA attempt of each queue
+  // Nonzero: this Client's queues join that session (another Client's, on another thread, whose
+  // open handles they then share) instead of starting a new one.
+  std::uint64_t join_session = 0;
 };
 
 // "HOST", "HOST:PORT", "[V6]:PORT" into host and port (port unchanged when absent).

@@ -3,6 +3,7 @@
 // across the session's queues.
 #include <cstdint>
 #include <functional>
+#include <span>
 #include <string>
 
 #include "initiator/client.h"
@@ -30,5 +31,16 @@ CopyResult upload(Client& client, std::uint32_t handle, std::uint64_t size, int 
 
 // SHA-256 of the export's first `size` bytes, read through the session.
 std::string remote_sha256(Client& client, std::uint32_t handle, std::uint64_t size, const CopyOptions& opts);
+
+// The same over several Clients of one session (ClientOptions::join_session), one lane each:
+// clients[0] runs on the calling thread, each other on a thread of its own, and each takes the
+// next block when it has room, so the copy is not limited to what one thread can receive.
+// `handle` is the session's, from any of them. Progress is reported from the calling thread.
+CopyResult download(std::span<Client* const> clients, std::uint32_t handle, std::uint64_t size, int fd,
+                    bool sparse_dest, const CopyOptions& opts);
+CopyResult upload(std::span<Client* const> clients, std::uint32_t handle, std::uint64_t size, int fd,
+                  const CopyOptions& opts);
+std::string remote_sha256(std::span<Client* const> clients, std::uint32_t handle, std::uint64_t size,
+                          const CopyOptions& opts);
 
 }  // namespace ibdisk::initiator

@@ -12,6 +12,7 @@
 #include "initiator/client.h"
 #include "tests/support/fixtures.h"
 #include "tests/support/process.h"
+#include "tests/support/workload.h"
 
 namespace ibdisk {
 namespace {
@@ -53,70 +54,15 @@ TEST(TcpWorkload, RandomReadWriteMatchesModel) {
   ASSERT_EQ(opened.info().size(), kGiB);
 
   std::vector<std::byte> model(kGiB);  // zero pages until touched
-  std::mt19937_64 rng(42);
-  struct Op {
-    bool write;
-    std::uint64_t off;
-    std::uint32_t len;
-    std::vector<std::byte> buf;
-  };
-  std::vector<std::unique_ptr<Op>> inflight;
-  auto overlaps = [&](std::uint64_t off, std::uint32_t len) {
-    for (const auto& o : inflight) {
-      if (o && off < o->off + o->len && o->off < off + len) return true;
-    }
-    return false;
-  };
-  const unsigned kOps = 2500;
-  unsigned issued = 0, completed = 0, mismatches = 0, errors = 0;
-  std::uint64_t bytes = 0;
-  std::function<void()> issue = [&] {
-    while (issued < kOps && client->in_flight() < 64) {
-      const std::uint32_t len = 512u * static_cast<std::uint32_t>(1 + rng() % 2048);  // 512 B .. 1 MiB
-      std::uint64_t off;
-      do {
-        off = (rng() % ((kGiB - len) / 512)) * 512;
-        if (rng() % 4 == 0) off += rng() % 512;  // some unaligned offsets too
-        if (off + len > kGiB) off = kGiB - len;
-      } while (overlaps(off, len));
-      auto op = std::make_unique<Op>(Op{rng() % 2 == 0, off, len, std::vector<std::byte>(len)});
-      if (op->write) {
-        fill_pattern(op->buf, rng());
-        std::memcpy(model.data() + off, op->buf.data(), len);
-      }
-      Op* raw = op.get();
-      inflight.push_back(std::move(op));
-      ++issued;
-      auto done = [&, raw](int st) {
-        if (st != 0) ++errors;
-        if (!raw->write && std::memcmp(raw->buf.data(), model.data() + raw->off, raw->len) != 0) ++mismatches;
-        bytes += raw->len;
-        ++completed;
-        for (auto& p : inflight) {
-          if (p.get() == raw) p.reset();
-        }
-        std::erase_if(inflight, [](const auto& p) { return !p; });
-        issue();
-      };
-      const unsigned q = issued % client->queue_count();
-      if (raw->write) client->write(q, opened.handle(), off, len, raw->buf.data(), 0, done);
-      else client->read(q, opened.handle(), off, len, raw->buf.data(), done);
-    }
-  };
-  issue();
-  client->run_until([&] { return completed == kOps; });
-  EXPECT_EQ(errors, 0u);
-  EXPECT_EQ(mismatches, 0u);
-  EXPECT_GT(bytes, 500u << 20);
+  testing::RandomWorkload workload(*client, opened.handle(), model, {.seed = 42, .max_in_flight = 64});
+  workload.run(2500);
+  const auto& r = workload.result();
+  EXPECT_EQ(r.errors, 0u);
+  EXPECT_EQ(r.mismatches, 0u);
+  EXPECT_GT(r.bytes, 500u << 20);
   // A full read-back of every region the workload touched, after a flush.
   EXPECT_EQ(sync(*client, [&](auto cb) { client->flush(0, opened.handle(), cb); }), 0);
-  std::vector<std::byte> buf(1 << 20);
-  unsigned bad_blocks = 0;
-  for (std::uint64_t off = 0; off < kGiB; off += buf.size()) {
-    ASSERT_EQ(sync(*client, [&](auto cb) { client->read(static_cast<unsigned>(off >> 20), opened.handle(), off, 1 << 20, buf.data(), cb); }), 0);
-    if (std::memcmp(buf.data(), model.data() + off, buf.size()) != 0) ++bad_blocks;
-  }
-  EXPECT_EQ(bad_blocks, 0u);
+  EXPECT_EQ(testing::read_back_mismatches(*client, opened.handle(), model), 0u);
 }
 
 // Writes acknowledged before a flush survive the target being killed with SIGKILL.

@@ -5,8 +5,6 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
-#include <functional>
-#include <random>
 #include <vector>
 
 #include "common/checksum.h"
@@ -14,6 +12,7 @@
 #include "initiator/client.h"
 #include "tests/rdma/rdma_env.h"
 #include "tests/support/fixtures.h"
+#include "tests/support/workload.h"
 #include "transport/rdma/rdma_connection.h"
 
 namespace ibdisk {
@@ -50,89 +49,6 @@ ClientOptions client_for(std::uint16_t port, unsigned queues, unsigned depth, co
 
 using testing::sync;
 
-struct WorkloadResult {
-  unsigned completed = 0, errors = 0, mismatches = 0;
-  std::uint64_t bytes = 0;
-};
-
-// Random reads and writes of 512 B to 1 MiB over every queue, up to 32 in flight, never
-// overlapping while in flight, each read checked against `model` (which writes update).
-// on_issue(n) runs after the n-th request is issued.
-WorkloadResult run_workload(Client& client, std::uint32_t handle, std::vector<std::byte>& model, unsigned ops,
-                            std::uint64_t seed, const std::function<void(unsigned)>& on_issue = {}) {
-  const std::uint64_t size = model.size();
-  std::mt19937_64 rng(seed);
-  struct Op {
-    bool write;
-    std::uint64_t off;
-    std::uint32_t len;
-    std::vector<std::byte> buf;
-  };
-  std::vector<std::unique_ptr<Op>> inflight;
-  auto overlaps = [&](std::uint64_t off, std::uint32_t len) {
-    for (const auto& o : inflight) {
-      if (o && off < o->off + o->len && o->off < off + len) return true;
-    }
-    return false;
-  };
-  WorkloadResult r;
-  unsigned issued = 0;
-  std::function<void()> issue = [&] {
-    while (issued < ops && client.in_flight() < 32) {
-      // Mostly small requests, some up to 1 MiB (the first is the largest).
-      const std::uint32_t len = issued == 0 ? (1u << 20)
-                                : rng() % 4 == 0 ? 512u * static_cast<std::uint32_t>(1 + rng() % 2048)
-                                                 : 512u * static_cast<std::uint32_t>(1 + rng() % 64);
-      std::uint64_t off;
-      do {
-        off = (rng() % ((size - len) / 512)) * 512;
-        if (rng() % 4 == 0) off += rng() % 512;
-        if (off + len > size) off = size - len;
-      } while (overlaps(off, len));
-      auto op = std::make_unique<Op>(Op{rng() % 2 == 0, off, len, std::vector<std::byte>(len)});
-      if (op->write) {
-        fill_pattern(op->buf, rng());
-        std::memcpy(model.data() + off, op->buf.data(), len);
-      }
-      Op* raw = op.get();
-      inflight.push_back(std::move(op));
-      ++issued;
-      auto done = [&, raw](int st) {
-        if (st != 0) ++r.errors;
-        if (!raw->write && std::memcmp(raw->buf.data(), model.data() + raw->off, raw->len) != 0) ++r.mismatches;
-        r.bytes += raw->len;
-        ++r.completed;
-        for (auto& p : inflight) {
-          if (p.get() == raw) p.reset();
-        }
-        std::erase_if(inflight, [](const auto& p) { return !p; });
-        issue();
-      };
-      const unsigned q = issued % client.queue_count();
-      if (raw->write) client.write(q, handle, off, len, raw->buf.data(), 0, done);
-      else client.read(q, handle, off, len, raw->buf.data(), done);
-      if (on_issue) on_issue(issued);
-    }
-  };
-  issue();
-  client.run_until([&] { return r.completed == ops; });
-  return r;
-}
-
-// Reads the whole export back and counts the 1 MiB blocks that differ from the model.
-unsigned read_back_mismatches(Client& client, std::uint32_t handle, const std::vector<std::byte>& model) {
-  std::vector<std::byte> buf(1 << 20);
-  unsigned bad_blocks = 0;
-  for (std::uint64_t off = 0; off < model.size(); off += buf.size()) {
-    EXPECT_EQ(sync(client, [&](auto cb) {
-                client.read(static_cast<unsigned>(off >> 20), handle, off, 1 << 20, buf.data(), cb);
-              }),
-              0);
-    if (std::memcmp(buf.data(), model.data() + off, buf.size()) != 0) ++bad_blocks;
-  }
-  return bad_blocks;
-}
-
 // Random reads and writes of 512 B to 1 MiB on 2 queues x depth 16 over RDMA, never
 // overlapping while in flight: every byte read matches the model, then a full read-back.
 TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
@@ -147,12 +63,14 @@ TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
   EXPECT_EQ(client->queue_depth(0), 16u);
   const auto opened = client->open("disk", false);
   std::vector<std::byte> model(kImage);
-  const auto [completed, errors, mismatches, bytes] = run_workload(*client, opened.handle(), model, 400, 42);
+  testing::RandomWorkload workload(*client, opened.handle(), model, {.seed = 42, .max_in_flight = 32, .mostly_small = true});
+  workload.run(400);
+  const auto [completed, errors, mismatches, bytes] = workload.result();
   EXPECT_EQ(errors, 0u);
   EXPECT_EQ(mismatches, 0u);
   EXPECT_GT(bytes, 20u << 20);
   EXPECT_EQ(sync(*client, [&](auto cb) { client->flush(0, opened.handle(), cb); }), 0);
-  EXPECT_EQ(read_back_mismatches(*client, opened.handle(), model), 0u);
+  EXPECT_EQ(testing::read_back_mismatches(*client, opened.handle(), model), 0u);
   // The target's stats (asked by another session: this one is in its data phase) name the
   // transport of every queue.
   auto observer = Client::connect(client_for(srv.port(), 1, 4, "auto"));

@@ -36,6 +36,18 @@ void set_nonblocking(int fd) {
   if (flags >= 0) ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
 }
 
+// librdmacm keeps a verbs context open on each device it has used, and closes it only once it
+// has seen the device leave the device list with no CM id left on it; it looks at the list when
+// asked for it (or when an address resolves to a device it does not know). The kernel's removal
+// of a device that cannot disassociate user contexts (rxe, and most drivers) waits until every
+// process has closed its context: after DEVICE_REMOVAL, make librdmacm look now, so that the
+// context closes with the last CM id on the device. The price: librdmacm opens a context on
+// each other device, as it does for any device a CM id has used.
+void forget_removed_devices() {
+  int n = 0;
+  if (ibv_context** list = rdma_get_devices(&n)) rdma_free_devices(list);
+}
+
 bool has_cap_ipc_lock() {
   std::ifstream in("/proc/self/status");
   std::string line;
@@ -447,6 +459,9 @@ void Endpoint::handle_cm_event(const rdma::CmEvent& ev) {
       disconnected_ = true;
       return fail("disconnected by " + peer_);
     case RDMA_CM_EVENT_DEVICE_REMOVAL:
+      // The removal waits until this process lets go of the device: every resource on it goes
+      // with this endpoint, which its owner destroys once on_dead() has run.
+      forget_removed_devices();
       return fail(std::string("the RDMA device ") + (id_.verbs() ? ibv_get_device_name(id_.verbs()->device) : "") +
                   " was removed");
     case RDMA_CM_EVENT_ADDR_CHANGE:
@@ -579,6 +594,7 @@ struct RdmaListener::Impl : std::enable_shared_from_this<RdmaListener::Impl> {
   void relisten_later() {
     fd.release();
     id = rdma::CmId();
+    forget_removed_devices();  // the listening id was the last user of a removed device here
     retry.expires_after(1s);
     retry.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
       if (ec || self->closed) return;

@@ -100,7 +100,6 @@ struct Client::Queue {
 std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool tcp, std::chrono::milliseconds rdma_timeout,
                                                                 unsigned* depth, std::string* why_not) {
   const auto& opts = opts_;
-  const std::string where = opts.host + ":" + std::to_string(opts.port);
   const std::uint16_t rdma_port = opts.rdma_port ? opts.rdma_port : opts.port;
   std::unique_ptr<transport::ClientConnection> conn;
   if (rdma) {
@@ -110,9 +109,29 @@ std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool 
     ro.connect_timeout = std::min(rdma_timeout, opts.timeout);
     ro.call_timeout = opts.timeout;
     conn = transport::rdma_connect(io_, opts.host, rdma_port, ro, why_not);
+    if (conn && tcp) {
+      // Connected, but the queue may still fail on RDMA (the device going away under it):
+      // TCP is allowed, so a failure here is a reason to use it, not an error.
+      try {
+        admit(*conn, depth);
+        return conn;
+      } catch (const std::exception& e) {
+        *why_not = std::string("RDMA connected but the queue failed: ") + e.what();
+        log()->debug("{}", *why_not);
+        conn.reset();
+      }
+    }
   }
   if (!conn && !tcp) return nullptr;
   if (!conn) conn = transport::tcp_connect(io_, opts.host, opts.port, opts.timeout);
+  admit(*conn, depth);
+  return conn;
+}
+
+void Client::admit(transport::ClientConnection& c, unsigned* depth) {
+  const auto& opts = opts_;
+  const std::string where = opts.host + ":" + std::to_string(opts.port);
+  transport::ClientConnection* conn = &c;
   const std::string client_nonce = random_bytes(32);
   proto::Control hello;
   auto* h = hello.mutable_hello();
@@ -135,6 +154,7 @@ std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool 
   if (!key_.empty()) auth.mutable_auth()->set_mac(client_mac(key_, challenge.challenge().server_nonce(), client_nonce));
   else auth.mutable_auth();
   const proto::Control welcome = conn->call(auth);
+  session_unknown_ = welcome.has_error() && welcome.error().code() == proto::ERROR_UNKNOWN_SESSION;
   throw_if_error(welcome, "connecting to " + where);
   if (!welcome.has_welcome()) throw SystemError("connecting to " + where, std::string("no Welcome from the target"));
   const auto& w = welcome.welcome();
@@ -146,7 +166,6 @@ std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool 
   if (*depth == 0 || w.max_io_size() == 0) throw SystemError("connecting to " + where, std::string("the target granted no queue"));
   session_id_ = w.session_id();
   max_io_ = max_io_ == 0 ? w.max_io_size() : std::min(max_io_, w.max_io_size());
-  return conn;
 }
 
 std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
@@ -212,13 +231,17 @@ proto::Opened Client::open(const std::string& name, bool read_only) {
   const auto reply = queues_.at(0)->conn->call(req);
   throw_if_error(reply, "opening export '" + name + "'");
   if (!reply.has_opened()) throw SystemError("opening export '" + name + "'", std::string("no Opened reply"));
+  opened_.push_back({name, read_only, reply.opened().handle(), reply.opened().handle()});
   return reply.opened();
 }
 
 unsigned Client::queue_count() const { return static_cast<unsigned>(queues_.size()); }
 unsigned Client::queue_depth(unsigned q) const { return queues_.at(q)->depth; }
 std::uint32_t Client::max_io() const { return max_io_; }
-std::string Client::transport(unsigned q) const { return queues_.at(q)->conn->transport_name(); }
+std::string Client::transport(unsigned q) const {
+  const auto& conn = queues_.at(q)->conn;
+  return conn ? conn->transport_name() : "none";  // none: the queue was lost
+}
 std::uint64_t Client::session_id() const { return session_id_; }
 
 unsigned Client::in_flight() const {
@@ -256,6 +279,42 @@ void Client::start_conn(Queue& queue, transport::ClientConnection* conn) {
       });
 }
 
+std::unique_ptr<transport::ClientConnection> Client::reconnect_queue(unsigned* depth) {
+  std::string why;
+  try {
+    return open_queue(true, true, kProbeTimeout, depth, &why);
+  } catch (const SystemError&) {
+    // A Client that opened nothing shares another's exports: a new session could not have them.
+    if (!session_unknown_ || opened_.empty()) throw;
+  }
+  // The target ended the session: with a removed device it may see its queues closed as if by
+  // the initiator. Start a new session; its handles replace the caller's, in the same order.
+  log()->warn("session {:016x} ended on the target; starting a new one and opening its {} export(s) again", session_id_,
+              opened_.size());
+  session_id_ = 0;
+  auto conn = open_queue(true, true, kProbeTimeout, depth, &why);
+  for (auto& e : opened_) {
+    proto::Control req;
+    req.mutable_open()->set_name(e.name);
+    req.mutable_open()->set_read_only(e.read_only);
+    const auto reply = conn->call(req);
+    throw_if_error(reply, "opening export '" + e.name + "' again");
+    if (!reply.has_opened()) throw SystemError("opening export '" + e.name + "' again", std::string("no Opened reply"));
+    e.current = reply.opened().handle();
+    handles_moved_ = handles_moved_ || e.current != e.handle;
+  }
+  return conn;
+}
+
+int Client::send(transport::ClientConnection& conn, const wire::Command& cmd, std::byte* buf) {
+  if (!handles_moved_) return conn.submit(cmd, buf);
+  wire::Command c = cmd;
+  for (const auto& e : opened_) {
+    if (e.handle == cmd.handle) c.handle = e.current;
+  }
+  return conn.submit(c, buf);
+}
+
 void Client::retire(std::unique_ptr<transport::ClientConnection> conn) {
   if (!conn) return;
   conn->close();
@@ -284,10 +343,11 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const std
       try {
         std::string why;
         unsigned depth = 0;
-        q.conn = open_queue(true, true, kProbeTimeout, &depth, &why);
+        q.conn = reconnect_queue(&depth);
         q.depth = std::min(q.depth, depth);
         start_conn(q, q.conn.get());
       } catch (const std::exception& e) {
+        log()->error("queue {}: reconnecting failed: {}", q.index, e.what());
         if (lost_.empty()) lost_ = what + "; reconnecting failed: " + e.what();
         retire(std::move(old));
         return;
@@ -306,7 +366,7 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const std
   for (const auto tag : tags) {
     auto& p = q.pending.at(tag);
     p.via = q.conn.get();
-    if (const int rc = q.conn->submit(p.cmd, p.buf); rc != 0) {
+    if (const int rc = send(*q.conn, p.cmd, p.buf); rc != 0) {
       Callback cb = std::move(p.cb);
       q.pending.erase(tag);
       --q.inflight;
@@ -320,7 +380,7 @@ void Client::probe_rdma() {
   if (opts_.transport != "auto" || !started_ || std::chrono::steady_clock::now() < next_probe_) return;
   next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
   for (auto& q : queues_) {
-    if (q->conn->transport_name() == "rdma" || q->draining) continue;
+    if (!q->conn || q->conn->transport_name() == "rdma" || q->draining) continue;
     std::string why;
     unsigned depth = 0;
     std::unique_ptr<transport::ClientConnection> conn;
@@ -353,10 +413,10 @@ void Client::submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callba
 }
 
 void Client::dispatch(Queue& queue) {
-  while (queue.inflight < queue.depth && !queue.backlog.empty()) {
+  while (queue.conn && queue.inflight < queue.depth && !queue.backlog.empty()) {
     Queue::Pending p = std::move(queue.backlog.front());
     queue.backlog.pop_front();
-    const int rc = queue.conn->submit(p.cmd, p.buf);
+    const int rc = send(*queue.conn, p.cmd, p.buf);
     if (rc != 0) {
       p.cb(rc);
       continue;

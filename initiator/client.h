@@ -102,7 +102,14 @@ class Client {
   // work; throws SystemError when the target refuses.
   std::unique_ptr<transport::ClientConnection> open_queue(bool rdma, bool tcp, std::chrono::milliseconds rdma_timeout,
                                                           unsigned* depth, std::string* why_not);
+  // Hello, Auth, Welcome on a new connection: joins (or starts) the session. Throws SystemError.
+  void admit(transport::ClientConnection& conn, unsigned* depth);
   void start_conn(Queue& q, transport::ClientConnection* conn);
+  // A lost queue's new connection: joins the session, or, when the target has already ended
+  // it (every queue went down at once), starts a new one and opens the exports again.
+  std::unique_ptr<transport::ClientConnection> reconnect_queue(unsigned* depth);
+  // Sends a command with the handle the target knows now. 0 or -errno.
+  int send(transport::ClientConnection& conn, const wire::Command& cmd, std::byte* buf);
   // A queue's connection ended mid-session: move its commands to a new connection (auto).
   void on_conn_lost(Queue& q, transport::ClientConnection* conn, const std::string& reason);
   void retire(std::unique_ptr<transport::ClientConnection> conn);
@@ -116,6 +123,16 @@ class Client {
   std::uint32_t max_io_ = 0;
   bool started_ = false;
   std::string lost_;  // why a queue was lost, once it was
+  bool session_unknown_ = false;  // the last admit() was refused: the target ended the session
+  // Every open(), in order: callers keep the first handle; a new session maps it to its own.
+  struct OpenedExport {
+    std::string name;
+    bool read_only;
+    std::uint32_t handle;   // what the caller was given
+    std::uint32_t current;  // what the target knows now
+  };
+  std::vector<OpenedExport> opened_;
+  bool handles_moved_ = false;
   std::string rdma_not_used_;
   std::string key_;
   std::chrono::steady_clock::time_point next_probe_{};

@@ -84,4 +84,21 @@ ProcessResult Child::wait(int timeout_ms) {
   return r;
 }
 
+std::optional<ProcessResult> Child::try_wait() {
+  if (pid_ <= 0) return std::nullopt;
+  while (fd_ >= 0) {
+    pollfd pfd{fd_, POLLIN, 0};
+    if (::poll(&pfd, 1, 0) <= 0) break;
+    drain(0);
+  }
+  int status = 0;
+  if (::waitpid(pid_, &status, WNOHANG) != pid_) return std::nullopt;
+  for (int i = 0; i < 20 && fd_ >= 0; ++i) drain(50);  // what it wrote last; bounded, a grandchild may hold the pipe
+  pid_ = -1;
+  ProcessResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.output = std::move(output_);
+  return r;
+}
+
 }  // namespace ibdisk::testing

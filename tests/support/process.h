@@ -1,5 +1,6 @@
 #pragma once
 // Runs a child process for tests: argv in, exit status and combined stdout+stderr out.
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -19,6 +20,9 @@ class Child {
   // Reads until the output contains `needle` or timeout_ms passes; returns whether it did.
   bool wait_for_output(const std::string& needle, int timeout_ms);
   ProcessResult wait(int timeout_ms = 120000);
+  // Collects what output is ready without blocking; the result once the child has exited.
+  std::optional<ProcessResult> try_wait();
+  const std::string& output() const { return output_; }
   int pid() const { return pid_; }
 
  private:

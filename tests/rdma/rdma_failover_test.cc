@@ -1,0 +1,265 @@
+// RDMA to TCP failover and back, on the guest's real Soft-RoCE device, as on two real hosts: the
+// target is an `ibdisk serve` process, this process is the initiator. A random workload (4
+// queues x depth 16, 512 B to 1 MiB, checked against a model) runs while `rdma link delete rxe0`
+// removes the device both ends use: I/O continues on TCP with no error and no mismatch; after
+// `rdma link add` the session moves back to RDMA (the Client API and `ibdisk stats` agree), the
+// workload finishes and every byte of the export is read back. Runs as vm.rdma-failover: it
+// deletes and re-creates the guest's rxe0, so it has a guest of its own.
+#include <dirent.h>
+#include <signal.h>
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <optional>
+#include <sstream>
+#include <thread>
+
+#include "initiator/client.h"
+#include "tests/rdma/rdma_env.h"
+#include "tests/support/fixtures.h"
+#include "tests/support/process.h"
+#include "tests/support/workload.h"
+
+namespace ibdisk {
+namespace {
+
+using namespace std::chrono_literals;
+using Clock = std::chrono::steady_clock;
+using initiator::Client;
+
+constexpr std::uint64_t kImage = 128ull << 20;
+constexpr unsigned kQueues = 4;
+constexpr unsigned kDepth = 16;
+constexpr const char* kClientName = "failover-test";
+// Generous: the guest's CPU is emulated and shared with other guests.
+constexpr auto kDeleteLimit = 90s;
+constexpr auto kBackLimit = 90s;
+
+const Clock::time_point t0 = Clock::now();
+double since_start() { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+#define SAY(...)                                 \
+  do {                                           \
+    std::printf("[%7.2f s] ", since_start());    \
+    std::printf(__VA_ARGS__);                    \
+    std::printf("\n");                           \
+    std::fflush(stdout);                         \
+  } while (0)
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+std::string sh(const std::string& cmd, int* exit_code = nullptr) {
+  auto r = testing::run({"/bin/sh", "-c", cmd}, 60000);
+  if (exit_code) *exit_code = r.exit_code;
+  return r.output;
+}
+
+// Polls `path` until it contains `needle`.
+bool wait_for_file(const std::string& path, const std::string& needle, std::chrono::milliseconds limit) {
+  const auto deadline = Clock::now() + limit;
+  while (slurp(path).find(needle) == std::string::npos) {
+    if (Clock::now() > deadline) return false;
+    std::this_thread::sleep_for(50ms);
+  }
+  return true;
+}
+
+// Which processes hold a uverbs device open, and where a stuck process waits in the kernel:
+// what to look at when `rdma link delete` does not return.
+std::string uverbs_holders(int stuck_pid) {
+  std::string out = "kernel stack of `rdma link delete` (pid " + std::to_string(stuck_pid) + "):\n" +
+                    slurp("/proc/" + std::to_string(stuck_pid) + "/stack") + "open uverbs files:\n";
+  DIR* proc = ::opendir("/proc");
+  while (dirent* p = proc ? ::readdir(proc) : nullptr) {
+    const std::string pid = p->d_name;
+    if (pid.find_first_not_of("0123456789") != std::string::npos) continue;
+    const std::string fd_dir = "/proc/" + pid + "/fd";
+    DIR* fds = ::opendir(fd_dir.c_str());
+    while (dirent* f = fds ? ::readdir(fds) : nullptr) {
+      char target[256] = {};
+      const std::string link = fd_dir + "/" + f->d_name;
+      if (::readlink(link.c_str(), target, sizeof target - 1) > 0 && std::string(target).find("infiniband") != std::string::npos) {
+        std::string comm = slurp("/proc/" + pid + "/comm");
+        if (!comm.empty() && comm.back() == '\n') comm.pop_back();
+        out += "  pid " + pid + " (" + comm + ") fd " + f->d_name + " -> " + target + "\n";
+      }
+    }
+    if (fds) ::closedir(fds);
+  }
+  if (proc) ::closedir(proc);
+  return out;
+}
+
+// The transports `ibdisk stats --json` lists for our session, e.g. "rdma,rdma,tcp,rdma".
+std::string stats_transports(const std::string& ibdisk, const std::string& where) {
+  int rc = 0;
+  const std::string out = sh(ibdisk + " stats --json " + where + " 2>/dev/null", &rc);
+  const auto name = out.find(std::string("\"name\": \"") + kClientName + "\"");
+  if (rc != 0 || name == std::string::npos) return "(no session: " + out + ")";
+  const auto open = out.find('[', name), close = out.find(']', name);
+  std::string list;
+  for (auto i = open + 1; i < close; ++i) {
+    if (out[i] != '"' && out[i] != ' ') list += out[i];
+  }
+  return list;
+}
+
+std::string repeat(const std::string& word, unsigned n) {
+  std::string s;
+  for (unsigned i = 0; i < n; ++i) s += (i ? "," : "") + word;
+  return s;
+}
+
+bool all_on(const Client& c, const std::string& transport) {
+  for (unsigned q = 0; q < c.queue_count(); ++q) {
+    if (c.transport(q) != transport) return false;
+  }
+  return true;
+}
+
+TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
+  IBDISK_REQUIRE_RDMA();
+  // In the guest (tests/vm/run) the layout is known: anything else there is a failure.
+  const bool in_guest = std::getenv("IBDISK_VM") != nullptr;
+  if (::geteuid() != 0) {
+    if (in_guest) FAIL() << "the guest runs tests as root";
+    GTEST_SKIP() << "needs root to delete and add the RDMA link";
+  }
+  const std::string link = sh("rdma link show 2>&1");
+  if (link.find("link rxe0/1 state ACTIVE physical_state LINK_UP netdev veth0") == std::string::npos) {
+    if (in_guest) FAIL() << "the guest has no active rxe0 on veth0: " << link;
+    GTEST_SKIP() << "no active rxe0 on veth0 (the layout of tests/vm/run): " << link;
+  }
+  const std::string ibdisk = IBDISK_BINARY;
+  const std::string addr = testing::rdma_addr();
+  testing::TempDir dir;
+  const std::string img = dir.file("disk.img"), log = dir.file("target.log");
+  testing::make_sparse_file(img, kImage);
+  const std::uint16_t port = testing::free_port();
+  const std::string where = addr + ":" + std::to_string(port);
+
+  // The target, a process of its own as on a real host.
+  testing::Child target({"/bin/sh", "-c",
+                         "exec " + ibdisk + " serve --export disk=" + img + " --listen " + where +
+                             " --insecure --threads 2 --buffer-mib 48 >" + log + " 2>&1"});
+  struct PrintLog {  // whatever happens, the target's side of the story goes in the test's output
+    std::string path;
+    ~PrintLog() { std::printf("--- target log ---\n%s--- end of target log ---\n", slurp(path).c_str()); }
+  } print_log{log};
+  ASSERT_TRUE(wait_for_file(log, "ibdisk serve: listening", 30000ms)) << slurp(log);
+  ASSERT_NE(slurp(log).find("RDMA port"), std::string::npos) << slurp(log);
+  SAY("target pid %d listening on %s (tcp and RDMA)", target.pid(), where.c_str());
+
+  initiator::ClientOptions o;
+  o.host = addr;
+  o.port = port;
+  o.queues = kQueues;
+  o.queue_depth = kDepth;
+  o.transport = "auto";
+  o.client_name = kClientName;
+  o.timeout = 30s;
+  auto client = Client::connect(o);
+  ASSERT_TRUE(all_on(*client, "rdma")) << client->rdma_not_used();
+  const auto opened = client->open("disk", false);
+  std::vector<std::byte> model(kImage);
+  testing::RandomWorkload work(*client, opened.handle(), model,
+                               {.seed = 7, .max_in_flight = kQueues * kDepth, .mostly_small = true});
+
+  // 1. On RDMA; what the user sees says so.
+  work.run(200);
+  SAY("on RDMA: %u requests, %llu MiB, %u errors, %u mismatches", work.result().completed,
+      static_cast<unsigned long long>(work.result().bytes >> 20), work.result().errors, work.result().mismatches);
+  EXPECT_EQ(stats_transports(ibdisk, where), repeat("rdma", kQueues));
+  EXPECT_NE(sh(ibdisk + " ls " + where).find("transport rdma"), std::string::npos);
+  EXPECT_NE(sh(ibdisk + " info " + where + "/disk").find("transport:   rdma"), std::string::npos);
+
+  // 2. The device goes away under full load.
+  std::unique_ptr<testing::Child> del;
+  std::optional<testing::ProcessResult> deleted;
+  Clock::time_point t_delete, t_deleted, t_tcp;
+  unsigned in_flight_at_delete = 0, completed_at_tcp = 0;
+  const unsigned start = work.issued();
+  work.run_while([&] {
+    if (!del && work.issued() >= start + 100) {
+      in_flight_at_delete = client->in_flight();
+      t_delete = Clock::now();
+      SAY("rdma link delete rxe0 (%u requests in flight)", in_flight_at_delete);
+      del = std::make_unique<testing::Child>(std::vector<std::string>{"/usr/bin/env", "rdma", "link", "delete", "rxe0"});
+    }
+    if (del && !deleted) {
+      deleted = del->try_wait();
+      if (deleted) {
+        t_deleted = Clock::now();
+        SAY("rdma link delete returned %d after %.2f s%s%s", deleted->exit_code,
+            std::chrono::duration<double>(t_deleted - t_delete).count(), deleted->output.empty() ? "" : ": ",
+            deleted->output.c_str());
+      } else if (Clock::now() - t_delete > kDeleteLimit) {
+        // The kernel waits for every user of the device to close it: show who still does.
+        std::printf("rdma link delete rxe0 did not return within %lld s.\n%s\ntarget log:\n%s\n",
+                    static_cast<long long>(kDeleteLimit.count()), uverbs_holders(del->pid()).c_str(),
+                    slurp(log).c_str());
+        std::fflush(stdout);
+        std::_Exit(1);  // the stuck process cannot be reaped; the guest powers off
+      }
+    }
+    if (t_tcp == Clock::time_point{} && del && all_on(*client, "tcp")) {
+      t_tcp = Clock::now();
+      completed_at_tcp = work.result().completed;
+      SAY("every queue on TCP %.2f s after the delete began", std::chrono::duration<double>(t_tcp - t_delete).count());
+    }
+    return !(deleted && t_tcp != Clock::time_point{} && work.result().completed >= completed_at_tcp + 200);
+  });
+  ASSERT_EQ(deleted->exit_code, 0) << deleted->output;
+  SAY("on TCP: %u requests so far, %u errors, %u mismatches", work.result().completed, work.result().errors,
+      work.result().mismatches);
+  EXPECT_EQ(work.result().errors, 0u);
+  EXPECT_EQ(work.result().mismatches, 0u);
+  EXPECT_EQ(stats_transports(ibdisk, where), repeat("tcp", kQueues));
+  EXPECT_NE(sh(ibdisk + " ls " + where).find("transport tcp"), std::string::npos);
+
+  // 3. The device comes back: the session moves back to RDMA with I/O in flight.
+  int rc = 0;
+  const std::string added = sh("rdma link add rxe0 type rxe netdev veth0 2>&1", &rc);
+  ASSERT_EQ(rc, 0) << added;
+  const auto t_added = Clock::now();
+  SAY("rdma link add rxe0 type rxe netdev veth0");
+  work.run_while([&] { return !all_on(*client, "rdma") && Clock::now() - t_added < kBackLimit; });
+  ASSERT_TRUE(all_on(*client, "rdma")) << "the session did not move back to RDMA within " << kBackLimit.count() << " s";
+  SAY("every queue back on RDMA %.2f s after the link was added",
+      std::chrono::duration<double>(Clock::now() - t_added).count());
+  // The target sees the TCP queues go once their last commands complete.
+  std::string seen;
+  const auto stats_deadline = Clock::now() + 60s;
+  while ((seen = stats_transports(ibdisk, where)) != repeat("rdma", kQueues) && Clock::now() < stats_deadline) {
+    work.run(50);
+  }
+  EXPECT_EQ(seen, repeat("rdma", kQueues));
+  SAY("ibdisk stats: session %s on %s", kClientName, seen.c_str());
+  EXPECT_NE(sh(ibdisk + " ls " + where).find("transport rdma"), std::string::npos);
+
+  // 4. Finish on RDMA and check every byte.
+  work.run(200);
+  ASSERT_EQ(testing::sync(*client, [&](auto cb) { client->flush(0, opened.handle(), cb); }), 0);
+  EXPECT_EQ(testing::read_back_mismatches(*client, opened.handle(), model), 0u);
+  const auto& r = work.result();
+  EXPECT_EQ(r.errors, 0u);
+  EXPECT_EQ(r.mismatches, 0u);
+  SAY("done: %u requests, %llu MiB, %u errors, %u mismatches, %u in flight at the delete, read-back of %llu MiB matched",
+      r.completed, static_cast<unsigned long long>(r.bytes >> 20), r.errors, r.mismatches, in_flight_at_delete,
+      static_cast<unsigned long long>(kImage >> 20));
+  client.reset();
+  ::kill(target.pid(), SIGTERM);
+  EXPECT_EQ(target.wait(30000).exit_code, 0);
+}
+
+}  // namespace
+}  // namespace ibdisk

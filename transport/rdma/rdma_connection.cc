@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 
+#include <array>
 #include <cstring>
 #include <fstream>
 #include <unordered_map>
@@ -373,7 +374,15 @@ void Endpoint::handle(const ibv_wc& wc) {
 void Endpoint::on_recv(std::uint32_t index, std::uint32_t bytes) {
   to_repost_.push_back(index);
   if (dead_) return;
-  const std::span<const std::byte> msg(recv_buffer(index), bytes);
+  // Copy the message out and give its buffer back to the QP before acting on it: a completion
+  // handler may send new commands whose replies arrive before this batch of completions ends,
+  // and a SEND that finds no receive posted stalls the whole queue for the RNR timer.
+  std::array<std::byte, kRdmaMsgSize> copy;
+  bytes = std::min<std::uint32_t>(bytes, kRdmaMsgSize);
+  std::memcpy(copy.data(), recv_buffer(index), bytes);
+  repost_recvs();
+  if (dead_) return;
+  const std::span<const std::byte> msg(copy.data(), bytes);
   MsgHeader h;
   if (!decode(msg, &h)) return violation("malformed message of " + std::to_string(bytes) + " bytes");
   const auto payload = msg.subspan(kMsgHeaderSize);
@@ -452,9 +461,17 @@ void Endpoint::on_cm_ready() {
 
 void Endpoint::handle_cm_event(const rdma::CmEvent& ev) {
   switch (ev.type()) {
-    case RDMA_CM_EVENT_ESTABLISHED:
+    case RDMA_CM_EVENT_ESTABLISHED: {
       established_ = true;
+      // rdma_cm leaves the RNR timer at 0, which means the longest wait, 655 ms: a SEND that
+      // ever finds no receive posted would stall this queue that long. 12 is 0.64 ms.
+      ibv_qp_attr attr{};
+      attr.min_rnr_timer = 12;
+      if (const int rc = qp_ ? ibv_modify_qp(qp_->get(), &attr, IBV_QP_MIN_RNR_TIMER) : 0; rc != 0) {
+        log()->debug("{}: setting the RNR timer: {}", peer_, errno_text(rc));
+      }
       return on_established();
+    }
     case RDMA_CM_EVENT_DISCONNECTED:
       disconnected_ = true;
       return fail("disconnected by " + peer_);

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstring>
 #include <ctime>
 #include <deque>
 #include <fstream>
@@ -60,6 +61,10 @@ std::string utc_now() {
 
 double seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
 
+// The read buffer of a kernel socket; write payloads at least this large skip it and are
+// read straight into the request.
+constexpr std::size_t kInBuffer = 64 * 1024;
+
 // One kernel request on its way through the session.
 struct Request {
   nbd::Request req;
@@ -89,8 +94,10 @@ struct KernelSocket {
   std::uint64_t epoch = 0;  // bumped when sd moves; older waits are ignored
   bool read_armed = false, write_armed = false;
   bool eof = false;
-  std::array<std::byte, sizeof(nbd::RequestWire)> hdr{};
-  std::size_t hdr_got = 0;
+  // What the kernel sent and we have not parsed yet: in[in_pos, in_end). One read takes as
+  // many requests (and small write payloads) as are waiting, not one system call each.
+  std::unique_ptr<std::byte[]> in{new std::byte[kInBuffer]};
+  std::size_t in_pos = 0, in_end = 0;
   std::unique_ptr<Request> receiving;  // a WRITE whose payload is arriving
   std::size_t payload_got = 0;
   std::unordered_map<Request*, std::unique_ptr<Request>> active;
@@ -361,44 +368,70 @@ void Attachment::on_signal() {
 
 void Attachment::on_readable(KernelSocket& s) {
   for (;;) {
-    if (s.receiving) {
-      Request& r = *s.receiving;
-      const ssize_t n = ::read(s.fd, r.data.get() + s.payload_got, r.req.length - s.payload_got);
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-      if (n <= 0) return close_socket(s, n == 0 ? "the kernel closed it" : errno_text(errno));
-      s.payload_got += static_cast<std::size_t>(n);
-      if (s.payload_got == r.req.length) {
+    // 1. Everything already buffered: headers, and the payloads of writes.
+    while (!s.eof) {
+      const std::size_t avail = s.in_end - s.in_pos;
+      if (s.receiving) {
+        Request& r = *s.receiving;
+        const std::size_t take = std::min<std::size_t>(avail, r.req.length - s.payload_got);
+        std::memcpy(r.data.get() + s.payload_got, s.in.get() + s.in_pos, take);
+        s.in_pos += take;
+        s.payload_got += take;
+        if (s.payload_got < r.req.length) break;
         s.payload_got = 0;
         on_request(s, std::move(s.receiving));
-        if (s.eof) return;
+        continue;
       }
-      continue;
+      if (avail < sizeof(nbd::RequestWire)) break;
+      auto r = std::make_unique<Request>();
+      std::array<std::byte, sizeof(nbd::RequestWire)> hdr;
+      std::memcpy(hdr.data(), s.in.get() + s.in_pos, hdr.size());
+      s.in_pos += hdr.size();
+      if (nbd::parse_request(hdr, &r->req) != nbd::Parse::kOk) {
+        return close_socket(s, "a request with a bad magic number from the kernel");
+      }
+      if (r->req.type == nbd::kCmdDisc) return close_socket(s, "NBD_CMD_DISC");
+      if (r->req.type == nbd::kCmdRead || r->req.type == nbd::kCmdWrite) {
+        if (r->req.length > nbd::kMaxPayload) {
+          return close_socket(s, "a " + std::to_string(r->req.length) + "-byte request, beyond the 32 MiB limit");
+        }
+        r->data.reset(new std::byte[std::max<std::uint32_t>(r->req.length, 1)]);
+      }
+      if (r->req.type == nbd::kCmdWrite && r->req.length > 0) {
+        s.receiving = std::move(r);
+        continue;
+      }
+      on_request(s, std::move(r));
     }
-    const ssize_t n = ::read(s.fd, s.hdr.data() + s.hdr_got, s.hdr.size() - s.hdr_got);
+    if (s.eof) return;
+    // 2. Read more: a large payload straight into its request, the rest into the buffer.
+    if (s.in_pos == s.in_end) {
+      s.in_pos = s.in_end = 0;
+    } else if (s.in_pos > 0) {  // a partial header: to the front
+      std::memmove(s.in.get(), s.in.get() + s.in_pos, s.in_end - s.in_pos);
+      s.in_end -= s.in_pos;
+      s.in_pos = 0;
+    }
+    std::byte* into = s.in.get() + s.in_end;
+    std::size_t room = kInBuffer - s.in_end;
+    const bool direct = s.receiving && s.in_end == 0 && s.receiving->req.length - s.payload_got >= kInBuffer;
+    if (direct) {
+      into = s.receiving->data.get() + s.payload_got;
+      room = s.receiving->req.length - s.payload_got;
+    }
+    const ssize_t n = ::read(s.fd, into, room);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     if (n <= 0) return close_socket(s, n == 0 ? "the kernel closed it" : errno_text(errno));
-    s.hdr_got += static_cast<std::size_t>(n);
-    if (s.hdr_got < s.hdr.size()) continue;
-    s.hdr_got = 0;
-    auto r = std::make_unique<Request>();
-    if (nbd::parse_request(s.hdr, &r->req) != nbd::Parse::kOk) {
-      return close_socket(s, "a request with a bad magic number from the kernel");
-    }
-    if (r->req.type == nbd::kCmdDisc) return close_socket(s, "NBD_CMD_DISC");
-    if (r->req.type == nbd::kCmdRead || r->req.type == nbd::kCmdWrite) {
-      if (r->req.length > nbd::kMaxPayload) {
-        return close_socket(s, "a " + std::to_string(r->req.length) + "-byte request, beyond the 32 MiB limit");
-      }
-      r->data.reset(new std::byte[std::max<std::uint32_t>(r->req.length, 1)]);
-    }
-    if (r->req.type == nbd::kCmdWrite && r->req.length > 0) {
-      s.receiving = std::move(r);
+    if (!direct) {
+      s.in_end += static_cast<std::size_t>(n);
       continue;
     }
-    on_request(s, std::move(r));
-    if (s.eof) return;
+    s.payload_got += static_cast<std::size_t>(n);
+    if (s.payload_got == s.receiving->req.length) {
+      s.payload_got = 0;
+      on_request(s, std::move(s.receiving));
+    }
   }
   arm_read(s);
 }

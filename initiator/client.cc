@@ -281,15 +281,19 @@ void Client::start_conn(Queue& queue, transport::ClientConnection* conn) {
 
 std::unique_ptr<transport::ClientConnection> Client::reconnect_queue(unsigned* depth) {
   std::string why;
+  const std::uint64_t tried = session_id_;
   try {
     return open_queue(true, true, kProbeTimeout, depth, &why);
   } catch (const SystemError&) {
     // A Client that opened nothing shares another's exports: a new session could not have them.
     if (!session_unknown_ || opened_.empty()) throw;
   }
+  // Another queue's reconnection ran while this one waited for the target (a TCP call runs
+  // io_) and has started the new session already: join that one.
+  if (session_id_ != tried) return open_queue(true, true, kProbeTimeout, depth, &why);
   // The target ended the session: with a removed device it may see its queues closed as if by
   // the initiator. Start a new session; its handles replace the caller's, in the same order.
-  log()->warn("session {:016x} ended on the target; starting a new one and opening its {} export(s) again", session_id_,
+  log()->warn("session {:016x} ended on the target; starting a new one and opening its {} export(s) again", tried,
               opened_.size());
   session_id_ = 0;
   auto conn = open_queue(true, true, kProbeTimeout, depth, &why);

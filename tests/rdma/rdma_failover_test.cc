@@ -113,6 +113,12 @@ std::string stats_transports(const std::string& ibdisk, const std::string& where
   return list;
 }
 
+// Runs an ibdisk command as a user would and expects `needle` in what it prints.
+void expect_says(const std::string& cmd, const std::string& needle) {
+  const std::string out = sh(cmd + " 2>&1");
+  EXPECT_NE(out.find(needle), std::string::npos) << cmd << ":\n" << out;
+}
+
 std::string repeat(const std::string& word, unsigned n) {
   std::string s;
   for (unsigned i = 0; i < n; ++i) s += (i ? "," : "") + word;
@@ -150,7 +156,7 @@ TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
   // The target, a process of its own as on a real host.
   testing::Child target({"/bin/sh", "-c",
                          "exec " + ibdisk + " serve --export disk=" + img + " --listen " + where +
-                             " --insecure --threads 2 --buffer-mib 48 >" + log + " 2>&1"});
+                             " --insecure --threads 2 >" + log + " 2>&1"});
   struct PrintLog {  // whatever happens, the target's side of the story goes in the test's output
     std::string path;
     ~PrintLog() { std::printf("--- target log ---\n%s--- end of target log ---\n", slurp(path).c_str()); }
@@ -179,13 +185,22 @@ TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
   SAY("on RDMA: %u requests, %llu MiB, %u errors, %u mismatches", work.result().completed,
       static_cast<unsigned long long>(work.result().bytes >> 20), work.result().errors, work.result().mismatches);
   EXPECT_EQ(stats_transports(ibdisk, where), repeat("rdma", kQueues));
-  EXPECT_NE(sh(ibdisk + " ls " + where).find("transport rdma"), std::string::npos);
-  EXPECT_NE(sh(ibdisk + " info " + where + "/disk").find("transport:   rdma"), std::string::npos);
+  expect_says(ibdisk + " ls " + where, "transport rdma");
+  expect_says(ibdisk + " info " + where + "/disk", "transport:   rdma");
 
   // 2. The device goes away under full load.
   std::unique_ptr<testing::Child> del;
   std::optional<testing::ProcessResult> deleted;
   Clock::time_point t_delete, t_deleted, t_tcp;
+  struct DeleteGuard {  // if the test ends while the delete still waits: evidence, and no reaping
+    std::unique_ptr<testing::Child>& del;
+    std::optional<testing::ProcessResult>& deleted;
+    ~DeleteGuard() {
+      if (!del || deleted) return;
+      std::printf("the test ended while `rdma link delete rxe0` still waits.\n%s", uverbs_holders(del->pid()).c_str());
+      (void)del.release();  // a process in the kernel's wait cannot be reaped; it ends once we exit
+    }
+  } delete_guard{del, deleted};
   unsigned in_flight_at_delete = 0, completed_at_tcp = 0;
   const unsigned start = work.issued();
   work.run_while([&] {
@@ -224,7 +239,7 @@ TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
   EXPECT_EQ(work.result().errors, 0u);
   EXPECT_EQ(work.result().mismatches, 0u);
   EXPECT_EQ(stats_transports(ibdisk, where), repeat("tcp", kQueues));
-  EXPECT_NE(sh(ibdisk + " ls " + where).find("transport tcp"), std::string::npos);
+  expect_says(ibdisk + " ls " + where, "transport tcp");
 
   // 3. The device comes back: the session moves back to RDMA with I/O in flight.
   int rc = 0;
@@ -244,7 +259,7 @@ TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
   }
   EXPECT_EQ(seen, repeat("rdma", kQueues));
   SAY("ibdisk stats: session %s on %s", kClientName, seen.c_str());
-  EXPECT_NE(sh(ibdisk + " ls " + where).find("transport rdma"), std::string::npos);
+  expect_says(ibdisk + " ls " + where, "transport rdma");
 
   // 4. Finish on RDMA and check every byte.
   work.run(200);

@@ -208,10 +208,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
     if (closed_ && in_engine_ == 0) catalog_.release();
   }
 
-  // true (and the connection closed) when a socket operation failed.
+  // true when the connection is closed: the operation failed (and closed it), or close() ran
+  // first. An operation that completed before close() still reports success to its handler,
+  // which runs after it (stop() posted while the handler was queued): it must not go on, as
+  // the export's lease may already be released.
   bool failed(const error_code& ec, const char* what) {
-    if (!ec) return false;
     if (closed_) return true;
+    if (!ec) return false;
     if (ec == asio::error::eof) {
       close(spdlog::level::info, std::string("client closed the connection while ") + what);
     } else {
@@ -315,8 +318,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
 
   void on_request(const error_code& ec, std::size_t n) {
+    if (closed_) return;  // a header read before close() must not reach the engine: see failed()
     if (ec) {
-      if (closed_) return;
       if (ec == asio::error::eof && n == 0) {
         close(spdlog::level::info, "client closed the connection without NBD_CMD_DISC");
       } else {

@@ -93,6 +93,7 @@ struct KernelSocket {
   std::unique_ptr<asio::posix::stream_descriptor> sd;
   std::uint64_t epoch = 0;  // bumped when sd moves; older waits are ignored
   bool read_armed = false, write_armed = false;
+  bool flush_posted = false;  // a flush_out() is queued for the end of this loop turn
   bool eof = false;
   // What the kernel sent and we have not parsed yet: in[in_pos, in_end). One read takes as
   // many requests (and small write payloads) as are waiting, not one system call each.
@@ -277,7 +278,7 @@ void Attachment::bind_all() {
 void Attachment::release_all() {
   for (auto& s : socks_) {
     ++s->epoch;
-    s->read_armed = s->write_armed = false;
+    s->read_armed = s->write_armed = s->flush_posted = false;
     if (s->sd) s->sd->release();
     s->sd.reset();
   }
@@ -289,7 +290,7 @@ void Attachment::release_all() {
 
 void Attachment::bind(KernelSocket& s) {
   ++s.epoch;
-  s.read_armed = s.write_armed = false;
+  s.read_armed = s.write_armed = s.flush_posted = false;
   if (s.sd) s.sd->release();
   s.sd.reset();
   if (s.eof) return;
@@ -532,7 +533,14 @@ void Attachment::reply(KernelSocket& s, std::unique_ptr<Request> r, std::uint32_
   rep.payload = with_payload ? r->req.length : 0;
   rep.req = std::move(r);
   s.out.push_back(std::move(rep));
-  if (!s.write_armed) flush_out(s);
+  // Replies finished in one loop turn (a batch of completions) go out in one writev.
+  if (s.write_armed || s.flush_posted) return;
+  s.flush_posted = true;
+  asio::post(current_io(), [this, &s, epoch = s.epoch] {
+    if (epoch != s.epoch) return;  // rebound: bind() flushes what is queued
+    s.flush_posted = false;
+    if (!s.eof && !s.write_armed) flush_out(s);
+  });
 }
 
 void Attachment::flush_out(KernelSocket& s) {

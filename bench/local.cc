@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "bench/histogram.h"
+#include "bench/offsets.h"
 #include "common/error.h"
 #include "target/storage.h"
 #include "transport/tcp/asio.h"
@@ -37,9 +38,7 @@ struct Run {
   target::BackingFile* file = nullptr;
   Pattern pattern = Pattern::kRead;
   std::uint32_t block_size = 0;
-  std::uint64_t blocks = 0;
-  std::uint64_t next_block = 0;
-  std::uint64_t rng = 1;
+  Offsets offsets;
   Clock::time_point deadline;
   bool stopping = false;
   unsigned active = 0;
@@ -50,20 +49,8 @@ struct Run {
   std::uint64_t error_offset = 0;
   Clock::time_point last_done;
 
-  std::uint64_t next_offset() {
-    if (pattern == Pattern::kRead || pattern == Pattern::kWrite) {
-      const std::uint64_t b = next_block;
-      next_block = next_block + 1 == blocks ? 0 : next_block + 1;  // wrap, as fio --time_based
-      return b * block_size;
-    }
-    rng ^= rng >> 12;  // xorshift64*
-    rng ^= rng << 25;
-    rng ^= rng >> 27;
-    return (rng * 0x2545F4914F6CDD1Dull) % blocks * block_size;
-  }
-
   void issue(Slot& s) {
-    s.req.offset = next_offset();
+    s.req.offset = offsets.next();
     s.started = Clock::now();
     engine->submit(*file, &s.req);
   }
@@ -196,8 +183,8 @@ LocalResult run_local(const LocalOptions& opts, const std::function<void(double)
   run.file = file.get();
   run.pattern = opts.pattern;
   run.block_size = opts.block_size;
-  run.blocks = size / opts.block_size;
-  run.rng = opts.seed * 0x9E3779B97F4A7C15ull + 1;
+  run.offsets = Offsets(opts.pattern == Pattern::kRead || opts.pattern == Pattern::kWrite, opts.block_size,
+                        size / opts.block_size, opts.seed);
   std::vector<Slot> slots(opts.iodepth);
   for (unsigned i = 0; i < opts.iodepth; ++i) {
     Slot& s = slots[i];

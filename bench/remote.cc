@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "bench/histogram.h"
+#include "bench/offsets.h"
 #include "common/error.h"
 #include "initiator/client.h"
 #include "setup/inventory.h"
@@ -152,7 +153,7 @@ struct IoRun {
   std::uint32_t handle = 0;
   Pattern pattern = Pattern::kRead;
   std::uint32_t block_size = 0;
-  std::uint64_t blocks = 0, next_block = 0, rng = 1;
+  Offsets offsets;
   Clock::time_point deadline, last_done;
   bool stopping = false;
   unsigned active = 0;
@@ -169,20 +170,8 @@ struct IoRun {
     std::uint64_t offset = 0;
   };
 
-  std::uint64_t next_offset() {
-    if (pattern == Pattern::kRead || pattern == Pattern::kWrite) {
-      const std::uint64_t b = next_block;
-      next_block = next_block + 1 == blocks ? 0 : next_block + 1;
-      return b * block_size;
-    }
-    rng ^= rng >> 12;  // xorshift64*
-    rng ^= rng << 25;
-    rng ^= rng >> 27;
-    return (rng * 0x2545F4914F6CDD1Dull) % blocks * block_size;
-  }
-
   void issue(Slot& s) {
-    s.offset = next_offset();
+    s.offset = offsets.next();
     s.started = Clock::now();
     auto done = [this, &s](int status) { complete(s, status); };
     if (is_write(pattern)) {
@@ -233,8 +222,7 @@ WorkloadResult run_workload(Client& client, TargetCpu& target_cpu, std::uint32_t
   run.handle = handle;
   run.pattern = pattern;
   run.block_size = block_size;
-  run.blocks = size / block_size;
-  run.rng = opts.seed * 0x9E3779B97F4A7C15ull + 1;
+  run.offsets = Offsets(pattern == Pattern::kRead || pattern == Pattern::kWrite, block_size, size / block_size, opts.seed);
   std::vector<IoRun::Slot> slots(in_flight);
   for (unsigned i = 0; i < in_flight; ++i) {
     slots[i].buf = buffers.data + static_cast<std::size_t>(i) * block_size;

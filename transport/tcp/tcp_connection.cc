@@ -1,5 +1,7 @@
 #include "transport/tcp/tcp_connection.h"
 
+#include <algorithm>
+#include <cstring>
 #include <deque>
 #include <limits>
 #include <unordered_map>
@@ -140,6 +142,61 @@ class Writer {
   bool failed_ = false;
 };
 
+// Buffered input shared by both roles. One recv takes every frame the socket holds (headers,
+// capsules, completions, small payloads), so a batch of N frames costs one system call and one
+// handler turn, not three of each per frame; a payload of at least kDirectRead bytes still to
+// come is read straight into its destination. When a recv returns less than it asked for, Asio
+// waits for the next readiness event instead of trying again (no recv that only says EAGAIN).
+class Reader {
+ public:
+  static constexpr std::size_t kSize = 128 * 1024;
+  static constexpr std::size_t kDirectRead = 64 * 1024;
+
+  explicit Reader(tcp::socket& s) : sock_(s), buf_(kSize) {}
+
+  std::size_t available() const { return end_ - pos_; }
+  const std::byte* data() const { return buf_.data() + pos_; }
+  void consume(std::size_t n) { pos_ += n; }
+  // Moves up to n buffered bytes to dst; returns how many.
+  std::size_t take(std::byte* dst, std::size_t n) {
+    n = std::min(n, available());
+    std::memcpy(dst, data(), n);
+    pos_ += n;
+    return n;
+  }
+  // Whether `left` more bytes of a payload should be read straight into it.
+  bool direct(std::size_t left) const { return available() == 0 && left >= kDirectRead; }
+
+  // One read into the buffer, with room for at least `want` contiguous bytes after what is
+  // buffered. done(ec) runs once the bytes are in.
+  template <class Done>
+  void fill(std::size_t want, Done done) {
+    if (pos_ == end_) pos_ = end_ = 0;
+    if (buf_.size() - pos_ < want) {
+      std::memmove(buf_.data(), buf_.data() + pos_, end_ - pos_);
+      end_ -= pos_;
+      pos_ = 0;
+      if (buf_.size() < want) buf_.resize(want);  // a control message longer than the buffer
+    }
+    sock_.async_read_some(asio::buffer(buf_.data() + end_, buf_.size() - end_),
+                          [this, done = std::move(done)](const error_code& ec, std::size_t n) mutable {
+                            end_ += n;
+                            done(ec);
+                          });
+  }
+  // Reads exactly len bytes straight into dst (a large payload).
+  template <class Done>
+  void fill_direct(std::byte* dst, std::size_t len, Done done) {
+    asio::async_read(sock_, asio::buffer(dst, len), whole,
+                     [done = std::move(done)](const error_code& ec, std::size_t) mutable { done(ec); });
+  }
+
+ private:
+  tcp::socket& sock_;
+  std::vector<std::byte> buf_;
+  std::size_t pos_ = 0, end_ = 0;  // buffered, not yet parsed: buf_[pos_, end_)
+};
+
 OutFrame control_frame(const proto::Control& msg) {
   OutFrame f;
   f.control = msg.SerializeAsString();
@@ -172,7 +229,7 @@ class TcpServerConnection final : public ServerConnection,
 
   void start(Handler* handler) override {
     handler_ = handler;
-    read_header();
+    pump();
   }
 
   void send_control(const proto::Control& msg) override { push(control_frame(msg)); }
@@ -265,45 +322,86 @@ class TcpServerConnection final : public ServerConnection,
     push(control_frame(error_message(proto::ERROR_PROTOCOL, what)));
   }
 
-  void read_header() {
-    auto self = shared_from_this();
-    asio::async_read(sock_, asio::buffer(hdr_), [self](const error_code& ec, std::size_t) {
-      if (ec) return self->fail(ec == asio::error::eof ? "closed by peer" : ec.message());
-      if (self->closing_) return;
-      wire::FrameHeader h;
-      if (const auto e = wire::decode(self->hdr_, &h); e != wire::DecodeError::kNone) {
-        return self->violation(std::string("frame header: ") + wire::describe(e));
-      }
-      self->on_header(h);
-    });
+  // Parses every buffered frame, then reads more. Entered from read completions and from
+  // slot_freed() (a parked command got its slot); one loop at a time.
+  void pump() {
+    if (pumping_) {
+      again_ = true;
+      return;
+    }
+    pumping_ = true;
+    do {
+      again_ = false;
+      parse();
+    } while (again_ && !dead_);
+    pumping_ = false;
+    if (!dead_ && !closing_ && !parked_ && !reading_) read_more();
   }
 
-  void on_header(const wire::FrameHeader& h) {
-    auto self = shared_from_this();
-    switch (h.type) {
-      case wire::FrameType::kControl:
-        ctrl_.resize(h.length);
-        asio::async_read(sock_, asio::buffer(ctrl_), [self](const error_code& ec, std::size_t) {
-          if (ec) return self->fail(ec.message());
+  void parse() {
+    for (;;) {
+      if (dead_ || closing_ || parked_) return;
+      if (filling_ != nullptr) {  // a write's payload, into its slot
+        filled_ += reader_.take(filling_->data + filled_, filling_cmd_.length - filled_);
+        if (filled_ < filling_cmd_.length) return;
+        handler_->on_command(filling_cmd_, std::exchange(filling_, nullptr));
+        continue;
+      }
+      want_ = wire::kFrameHeaderSize;
+      if (reader_.available() < want_) return;
+      wire::FrameHeader h;
+      if (const auto e = wire::decode({reader_.data(), wire::kFrameHeaderSize}, &h); e != wire::DecodeError::kNone) {
+        return violation(std::string("frame header: ") + wire::describe(e));
+      }
+      switch (h.type) {
+        case wire::FrameType::kControl: {
+          want_ = wire::kFrameHeaderSize + h.length;
+          if (reader_.available() < want_) return;
           proto::Control msg;
-          if (!msg.ParseFromArray(self->ctrl_.data(), static_cast<int>(self->ctrl_.size())) ||
-              msg.msg_case() == proto::Control::MSG_NOT_SET) {
-            return self->violation("malformed control message");
-          }
-          self->handler_->on_control(msg);
-          if (!self->dead_) self->read_header();
-        });
-        return;
-      case wire::FrameType::kCommand:
-        if (h.length < wire::kCommandSize) return violation("command frame shorter than a capsule");
-        asio::async_read(sock_, asio::buffer(cap_), [self, h](const error_code& ec, std::size_t) {
-          if (ec) return self->fail(ec.message());
-          self->on_capsule(h);
-        });
-        return;
-      case wire::FrameType::kCompletion:
-        return violation("a target does not accept completions");
+          const bool ok = msg.ParseFromArray(reader_.data() + wire::kFrameHeaderSize, static_cast<int>(h.length)) &&
+                          msg.msg_case() != proto::Control::MSG_NOT_SET;
+          reader_.consume(want_);
+          if (!ok) return violation("malformed control message");
+          handler_->on_control(msg);
+          continue;
+        }
+        case wire::FrameType::kCommand: {
+          if (h.length < wire::kCommandSize) return violation("command frame shorter than a capsule");
+          want_ = wire::kFrameHeaderSize + wire::kCommandSize;
+          if (reader_.available() < want_) return;
+          wire::Command cmd;
+          const auto e = wire::decode({reader_.data() + wire::kFrameHeaderSize, wire::kCommandSize}, &cmd);
+          reader_.consume(want_);
+          if (e != wire::DecodeError::kNone) return violation(std::string("command: ") + wire::describe(e));
+          if (!accept(h, cmd)) return;
+          continue;
+        }
+        case wire::FrameType::kCompletion:
+          return violation("a target does not accept completions");
+      }
     }
+  }
+
+  void read_more() {
+    reading_ = true;
+    auto self = shared_from_this();
+    auto done = [self](const error_code& ec) {
+      self->reading_ = false;
+      if (ec) {
+        if (self->filling_) self->free_.push_back(std::exchange(self->filling_, nullptr));
+        return self->fail(ec == asio::error::eof ? "closed by peer" : ec.message());
+      }
+      if (!self->closing_) self->pump();
+    };
+    const std::size_t left = filling_ ? filling_cmd_.length - filled_ : 0;
+    if (filling_ && reader_.direct(left)) {
+      reader_.fill_direct(filling_->data + filled_, left, [self, done](const error_code& ec) {
+        if (!ec) self->filled_ = self->filling_cmd_.length;
+        done(ec);
+      });
+      return;
+    }
+    reader_.fill(filling_ ? 1 : want_, done);
   }
 
   // A read's slot frees when its data has been sent; a command that arrived just before that
@@ -313,27 +411,35 @@ class TcpServerConnection final : public ServerConnection,
     if (parked_ && !dead_) {
       parked_ = false;
       start_command(parked_cmd_);
+      pump();
     }
   }
 
-  void on_capsule(const wire::FrameHeader& h) {
-    wire::Command cmd;
-    if (const auto e = wire::decode(cap_, &cmd); e != wire::DecodeError::kNone) {
-      return violation(std::string("command: ") + wire::describe(e));
-    }
+  // Checks a command against the queue; false when it ends the connection or parks.
+  bool accept(const wire::FrameHeader& h, const wire::Command& cmd) {
     const bool write = cmd.opcode == wire::Opcode::kWrite;
     const std::uint32_t payload = h.length - static_cast<std::uint32_t>(wire::kCommandSize);
-    if (payload != (write ? cmd.length : 0u)) return violation("frame length does not match the command");
+    if (payload != (write ? cmd.length : 0u)) {
+      violation("frame length does not match the command");
+      return false;
+    }
     if (cmd.opcode == wire::Opcode::kRead || write) {
-      if (slots_.empty()) return violation("data command before the queue was granted");
-      if (cmd.length > slots_.front().capacity) return violation("command longer than the granted I/O size");
+      if (slots_.empty()) {
+      violation("data command before the queue was granted");
+      return false;
+    }
+      if (cmd.length > slots_.front().capacity) {
+      violation("command longer than the granted I/O size");
+      return false;
+    }
       if (free_.empty()) {
         parked_ = true;
         parked_cmd_ = cmd;
-        return;
+        return false;
       }
     }
     start_command(cmd);
+    return true;
   }
 
   void start_command(const wire::Command& cmd) {
@@ -343,20 +449,10 @@ class TcpServerConnection final : public ServerConnection,
       slot = free_.back();
       free_.pop_back();
     }
-    if (!write) {
-      handler_->on_command(cmd, slot);
-      if (!dead_) read_header();
-      return;
-    }
-    auto self = shared_from_this();
-    asio::async_read(sock_, asio::buffer(slot->data, cmd.length), whole, [self, cmd, slot](const error_code& ec, std::size_t) {
-      if (ec) {
-        self->free_.push_back(slot);
-        return self->fail(ec.message());
-      }
-      self->handler_->on_command(cmd, slot);
-      if (!self->dead_) self->read_header();
-    });
+    if (!write) return handler_->on_command(cmd, slot);
+    filling_ = slot;  // the payload follows; parse() fills it
+    filling_cmd_ = cmd;
+    filled_ = 0;
   }
 
   tcp::socket sock_;
@@ -366,9 +462,12 @@ class TcpServerConnection final : public ServerConnection,
   Handler* handler_ = nullptr;
   std::vector<Slot> slots_;
   std::vector<Slot*> free_;
-  std::array<std::byte, wire::kFrameHeaderSize> hdr_{};
-  std::array<std::byte, wire::kCommandSize> cap_{};
-  std::vector<char> ctrl_;
+  Reader reader_{sock_};
+  std::size_t want_ = wire::kFrameHeaderSize;  // buffered bytes parse() needs next
+  Slot* filling_ = nullptr;                    // a write whose payload is arriving
+  wire::Command filling_cmd_;
+  std::size_t filled_ = 0;
+  bool pumping_ = false, again_ = false, reading_ = false;
   bool closing_ = false;
   std::string close_reason_;  // reported once the output drains after closing_
   bool dead_ = false;
@@ -444,7 +543,7 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
     started_ = true;
     on_complete_ = std::move(on_complete);
     on_closed_ = std::move(on_closed);
-    read_header();
+    parse();
   }
 
   int submit(const wire::Command& cmd, std::byte* buffer) override {
@@ -505,59 +604,75 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
   void send_failed(const error_code& ec) override { fail("sending: " + ec.message()); }
   void drained() override {}
 
-  void read_header() {
-    asio::async_read(sock_, asio::buffer(hdr_), [this](const error_code& ec, std::size_t) {
-      if (ec) return fail(ec == asio::error::eof ? "the target closed the connection" : ec.message());
+  // Parses every buffered frame (completions and the read data after them), then reads more.
+  void parse() {
+    for (;;) {
+      if (dead_) return;
+      if (!sock_.is_open()) return read_more(1);  // closed: the read reports it
+      if (filling_) {  // a read's data, into the caller's buffer
+        filled_ += reader_.take(fill_dst_ + filled_, fill_len_ - filled_);
+        if (filled_ < fill_len_) return read_more(1);
+        filling_ = false;
+        inflight_.erase(fill_c_.tag);
+        on_complete_(fill_c_);
+        continue;
+      }
+      if (reader_.available() < wire::kFrameHeaderSize) return read_more(wire::kFrameHeaderSize);
       wire::FrameHeader h;
-      if (const auto e = wire::decode(hdr_, &h); e != wire::DecodeError::kNone) {
+      if (const auto e = wire::decode({reader_.data(), wire::kFrameHeaderSize}, &h); e != wire::DecodeError::kNone) {
         return fail(std::string("bad frame from the target: ") + wire::describe(e));
       }
       if (h.type == wire::FrameType::kControl) {
-        ctrl_.resize(h.length);
-        asio::async_read(sock_, asio::buffer(ctrl_), [this](const error_code& ec2, std::size_t) {
-          if (ec2) return fail(ec2.message());
-          proto::Control msg;
-          if (msg.ParseFromArray(ctrl_.data(), static_cast<int>(ctrl_.size())) && msg.has_error()) {
-            return fail("the target closed the queue: " + msg.error().message());
-          }
-          fail("unexpected control message during the data phase");
-        });
-        return;
+        const std::size_t total = wire::kFrameHeaderSize + h.length;
+        if (reader_.available() < total) return read_more(total);
+        proto::Control msg;
+        if (msg.ParseFromArray(reader_.data() + wire::kFrameHeaderSize, static_cast<int>(h.length)) && msg.has_error()) {
+          return fail("the target closed the queue: " + msg.error().message());
+        }
+        return fail("unexpected control message during the data phase");
       }
       if (h.type != wire::FrameType::kCompletion || h.length < wire::kCompletionSize) {
         return fail("unexpected frame type from the target");
       }
-      asio::async_read(sock_, asio::buffer(comp_), [this, h](const error_code& ec2, std::size_t) {
-        if (ec2) return fail(ec2.message());
-        on_completion(h);
-      });
-    });
+      constexpr std::size_t total = wire::kFrameHeaderSize + wire::kCompletionSize;
+      if (reader_.available() < total) return read_more(total);
+      wire::Completion c;
+      const auto e = wire::decode({reader_.data() + wire::kFrameHeaderSize, wire::kCompletionSize}, &c);
+      reader_.consume(total);
+      if (e != wire::DecodeError::kNone) return fail(std::string("bad completion from the target: ") + wire::describe(e));
+      const auto it = inflight_.find(c.tag);
+      if (it == inflight_.end()) return fail("completion for an unknown tag " + std::to_string(c.tag));
+      const Pending p = it->second;
+      const std::uint32_t payload = h.length - static_cast<std::uint32_t>(wire::kCompletionSize);
+      if (payload != c.length || (payload && (p.cmd.opcode != wire::Opcode::kRead || payload != p.cmd.length))) {
+        return fail("completion length does not match the command");
+      }
+      if (payload == 0) {
+        inflight_.erase(it);
+        on_complete_(c);
+        continue;
+      }
+      filling_ = true;
+      fill_c_ = c;
+      fill_dst_ = p.buffer;
+      fill_len_ = payload;
+      filled_ = 0;
+    }
   }
 
-  void on_completion(const wire::FrameHeader& h) {
-    wire::Completion c;
-    if (const auto e = wire::decode(comp_, &c); e != wire::DecodeError::kNone) {
-      return fail(std::string("bad completion from the target: ") + wire::describe(e));
-    }
-    const auto it = inflight_.find(c.tag);
-    if (it == inflight_.end()) return fail("completion for an unknown tag " + std::to_string(c.tag));
-    const Pending p = it->second;
-    const std::uint32_t payload = h.length - static_cast<std::uint32_t>(wire::kCompletionSize);
-    if (payload != c.length || (payload && (p.cmd.opcode != wire::Opcode::kRead || payload != p.cmd.length))) {
-      return fail("completion length does not match the command");
-    }
-    if (payload == 0) {
-      inflight_.erase(it);
-      on_complete_(c);
-      if (!dead_) read_header();
+  void read_more(std::size_t want) {
+    auto done = [this](const error_code& ec) {
+      if (ec) return fail(ec == asio::error::eof ? "the target closed the connection" : ec.message());
+      parse();
+    };
+    if (filling_ && reader_.direct(fill_len_ - filled_)) {
+      reader_.fill_direct(fill_dst_ + filled_, fill_len_ - filled_, [this, done](const error_code& ec) {
+        if (!ec) filled_ = fill_len_;
+        done(ec);
+      });
       return;
     }
-    asio::async_read(sock_, asio::buffer(p.buffer, payload), whole, [this, c](const error_code& ec, std::size_t) {
-      if (ec) return fail(ec.message());
-      inflight_.erase(c.tag);
-      on_complete_(c);
-      if (!dead_) read_header();
-    });
+    reader_.fill(want, done);
   }
 
   asio::io_context& io_;
@@ -570,9 +685,12 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
   CompletionHandler on_complete_;
   ClosedHandler on_closed_;
   std::unordered_map<std::uint64_t, Pending> inflight_;
-  std::array<std::byte, wire::kFrameHeaderSize> hdr_{};
-  std::array<std::byte, wire::kCompletionSize> comp_{};
-  std::vector<char> ctrl_;
+  std::array<std::byte, wire::kFrameHeaderSize> hdr_{};  // call()'s reply, before the data phase
+  Reader reader_{sock_};
+  bool filling_ = false;  // a read's data is arriving into fill_dst_
+  wire::Completion fill_c_{};
+  std::byte* fill_dst_ = nullptr;
+  std::size_t fill_len_ = 0, filled_ = 0;
 };
 
 }  // namespace

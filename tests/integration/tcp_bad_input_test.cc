@@ -4,6 +4,9 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <map>
+#include <set>
+#include <random>
 
 #include "common/auth.h"
 #include "common/error.h"
@@ -33,6 +36,7 @@ class RawPeer {
     auto* b = static_cast<char*>(p);
     while (n > 0) {
       const ssize_t got = ::recv(sock_.native_handle(), b, n, 0);
+      if (got < 0 && errno == EINTR) continue;  // with a receive timeout, a signal is not restarted
       if (got <= 0) return false;
       b += got;
       n -= static_cast<std::size_t>(got);
@@ -62,7 +66,9 @@ class RawPeer {
   }
   bool closed_by_peer() {
     char c;
-    const ssize_t got = ::recv(sock_.native_handle(), &c, 1, 0);
+    ssize_t got;
+    do got = ::recv(sock_.native_handle(), &c, 1, 0);
+    while (got < 0 && errno == EINTR);
     return got == 0 || (got < 0 && errno == ECONNRESET);
   }
   // Hello + Auth without a key; returns the Welcome (or the Error).
@@ -93,9 +99,11 @@ class BadInput : public ::testing::Test {
   void SetUp() override {
     testing::make_sparse_file(dir_.file("d.img"), 8 << 20);
     testing::make_sparse_file(dir_.file("ro.img"), 8 << 20);
+    testing::make_sparse_file(dir_.file("shared.img"), 8 << 20);
     target::ServerOptions o;
     o.exports.push_back({"disk", dir_.file("d.img"), false, false});
     o.exports.push_back({"ro", dir_.file("ro.img"), true, false});
+    o.exports.push_back({"shared", dir_.file("shared.img"), false, true});
     o.listen_address = "127.0.0.1";
     o.port = 0;
     o.threads = 1;
@@ -139,6 +147,80 @@ class BadInput : public ::testing::Test {
   std::unique_ptr<Client> good_;
   std::uint32_t handle_ = 0;
 };
+
+// Not bad input, but only a raw peer chooses where its bytes are cut: frames cut at every
+// byte, frames packed many to one send, and payloads below, at and above the size the target
+// reads straight into a slot all come back intact.
+TEST_F(BadInput, FramesCutAnywhereOrPackedTogetherAreServed) {
+  RawPeer p(srv_->port());
+  const auto w = p.handshake();
+  ASSERT_TRUE(w.has_welcome());
+  proto::Control open;
+  open.mutable_open()->set_name("shared");
+  p.send_control(open);
+  proto::Control opened;
+  ASSERT_TRUE(p.read_control(&opened));
+  ASSERT_TRUE(opened.has_opened()) << opened.DebugString();
+  const std::uint32_t handle = opened.opened().handle();
+  const std::vector<std::uint32_t> sizes{1, 4096, 70000, std::min<std::uint32_t>(w.welcome().max_io_size(), 1u << 20)};
+  ASSERT_LE(sizes.size(), w.welcome().queue_depth());
+  std::mt19937 rng(7);
+  std::vector<std::vector<std::byte>> data;
+  auto frame = [&](wire::Opcode op, std::size_t i, std::string* out) {
+    wire::Command c;
+    c.opcode = op;
+    c.length = sizes[i];
+    c.tag = (op == wire::Opcode::kWrite ? 100 : 200) + i;
+    c.handle = handle;
+    c.offset = i << 20;
+    const bool write = op == wire::Opcode::kWrite;
+    std::byte h[wire::kFrameHeaderSize + wire::kCommandSize];
+    wire::encode(wire::FrameHeader{wire::FrameType::kCommand,
+                                   static_cast<std::uint32_t>(wire::kCommandSize + (write ? c.length : 0))},
+                 h);
+    wire::encode(c, h + wire::kFrameHeaderSize);
+    out->append(reinterpret_cast<const char*>(h), sizeof h);
+    if (write) out->append(reinterpret_cast<const char*>(data[i].data()), data[i].size());
+  };
+  std::string writes, reads;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    data.emplace_back(sizes[i]);
+    for (auto& b : data.back()) b = static_cast<std::byte>(rng());
+    frame(wire::Opcode::kWrite, i, &writes);
+    frame(wire::Opcode::kRead, i, &reads);
+  }
+  // Writes: the first 300 bytes one to thirteen at a time, the rest in pieces up to 100 KiB.
+  for (std::size_t at = 0; at < writes.size();) {
+    const std::size_t n = std::min(writes.size() - at, at < 300 ? 1 + rng() % 13 : 1 + rng() % 100000);
+    p.send_bytes(writes.data() + at, n);
+    at += n;
+  }
+  std::set<std::uint64_t> tags;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    wire::Completion c;
+    ASSERT_TRUE(p.read_completion(&c));
+    EXPECT_EQ(c.status, 0) << "tag " << c.tag;
+    EXPECT_EQ(c.length, 0u);
+    tags.insert(c.tag);
+  }
+  EXPECT_EQ(tags, (std::set<std::uint64_t>{100, 101, 102, 103}));
+  // Reads: all four commands in one send.
+  p.send_bytes(reads.data(), reads.size());
+  std::map<std::uint64_t, std::vector<std::byte>> got;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    wire::Completion c;
+    ASSERT_TRUE(p.read_completion(&c));
+    ASSERT_EQ(c.status, 0) << "tag " << c.tag;
+    ASSERT_GE(c.tag, 200u);
+    ASSERT_LT(c.tag - 200, sizes.size());
+    ASSERT_EQ(c.length, sizes[c.tag - 200]);
+    std::vector<std::byte> buf(c.length);
+    ASSERT_TRUE(p.recv_exact(buf.data(), buf.size()));
+    got[c.tag - 200] = std::move(buf);
+  }
+  for (std::size_t i = 0; i < sizes.size(); ++i) EXPECT_EQ(got[i], data[i]) << sizes[i] << "-byte payload";
+  expect_target_still_serves();
+}
 
 // Half a frame header, then the peer vanishes: nothing else is affected.
 TEST_F(BadInput, TruncatedFrame) {

@@ -284,10 +284,7 @@ void Endpoint::repost_recvs() {
   if (const int rc = qp_->post_recv(recv_wrs_.data()); rc != 0) fail("posting receives: " + errno_text(rc));
 }
 
-int Endpoint::post_chain(ibv_send_wr* first, ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index,
-                         bool signal) {
-  if (dead_) return -ENOTCONN;
-  if (!sq_room(count)) return -EAGAIN;
+void Endpoint::mark_signal(ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index, bool signal) {
   signal = signal || unsignalled_ + count >= signal_every_ || sq_used_ + count >= sq_cap_ / 2;
   last->next = nullptr;
   if (signal) {
@@ -296,10 +293,60 @@ int Endpoint::post_chain(ibv_send_wr* first, ibv_send_wr* last, unsigned count, 
   } else {
     last->wr_id = 0;
   }
-  if (const int rc = qp_->post_send(first); rc != 0) return -rc;
-  sq_used_ += count;
   unsignalled_ = signal ? 0 : unsignalled_ + count;
+}
+
+int Endpoint::post_chain(ibv_send_wr* first, ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index,
+                         bool signal) {
+  if (dead_) return -ENOTCONN;
+  post_queued();  // what the data path queued goes first: the peer sees sends in order
+  if (dead_) return -ENOTCONN;
+  if (!sq_room(count)) return -EAGAIN;
+  const unsigned before = unsignalled_;
+  mark_signal(last, count, kind, index, signal);
+  if (const int rc = qp_->post_send(first); rc != 0) {
+    unsignalled_ = before;
+    return -rc;
+  }
+  sq_used_ += count;
   return 0;
+}
+
+int Endpoint::queue_chain(ibv_send_wr* first, ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index,
+                          bool signal) {
+  if (dead_) return -ENOTCONN;
+  if (!sq_room(count)) return -EAGAIN;
+  for (ibv_send_wr* wr = first; wr != last; wr = wr->next) {
+    if (wr->num_sge > 1) return -EINVAL;
+  }
+  if (last->num_sge > 1) return -EINVAL;
+  mark_signal(last, count, kind, index, signal);
+  for (ibv_send_wr* wr = first;; wr = wr->next) {
+    queued_.push_back({*wr, wr->num_sge == 1 ? *wr->sg_list : ibv_sge{}});
+    if (wr == last) break;
+  }
+  sq_used_ += count;
+  if (!post_scheduled_) {
+    post_scheduled_ = true;
+    asio::post(io_, [this, alive = alive_] {
+      if (*alive) post_queued();
+    });
+  }
+  return 0;
+}
+
+void Endpoint::post_queued() {
+  post_scheduled_ = false;
+  if (queued_.empty()) return;
+  if (dead_) return queued_.clear();
+  for (std::size_t i = 0; i < queued_.size(); ++i) {
+    ibv_send_wr& wr = queued_[i].wr;
+    if (wr.num_sge == 1) wr.sg_list = &queued_[i].sge;
+    wr.next = i + 1 < queued_.size() ? &queued_[i + 1].wr : nullptr;
+  }
+  const int rc = qp_->post_send(&queued_.front().wr);
+  queued_.clear();
+  if (rc != 0) fail("posting to the send queue: " + errno_text(rc));
 }
 
 int Endpoint::send_control(const proto::Control& msg) {
@@ -424,8 +471,8 @@ void Endpoint::wait_cm() {
 
 void Endpoint::on_cq_ready() {
   const auto alive = alive_;
-  while (cq_.take_event()) {
-  }
+  // One notification per arm, so at most one is pending: no second read that says EAGAIN.
+  cq_.take_event();
   if (ibv_req_notify_cq(cq_.get(), 0) != 0 && !dead_) fail("ibv_req_notify_cq failed");
   std::array<ibv_wc, 32> wcs;
   for (;;) {
@@ -809,7 +856,7 @@ class RdmaClientConnection final : public ClientConnection, public Endpoint {
     wr.sg_list = &sge;
     wr.num_sge = 1;
     wr.opcode = IBV_WR_SEND;
-    return post_chain(&wr, &wr, 1, WrKind::kSend, 0, false);
+    return queue_chain(&wr, &wr, 1, WrKind::kSend, 0, false);
   }
 
   void on_control_message(const proto::Control& msg) override {

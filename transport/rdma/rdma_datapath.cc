@@ -97,12 +97,12 @@ class RdmaServerConnection final : public ServerConnection,
       write.wr.rdma.remote_addr = cmd.addr;
       write.wr.rdma.rkey = cmd.rkey;
       write.next = &send;
-      rc = post_chain(&write, &send, 2, WrKind::kSend, idx + 1, true);
+      rc = queue_chain(&write, &send, 2, WrKind::kSend, idx + 1, true);
     } else {
       // Any other slot is free as soon as the command is done with it.
       if (slot) slot_freed(idx);
       if (dead_) return;
-      rc = post_chain(&send, &send, 1, WrKind::kSend, kNoSlot, true);
+      rc = queue_chain(&send, &send, 1, WrKind::kSend, kNoSlot, true);
     }
     if (rc != 0) {
       if (with_data) free_.push_back(idx);
@@ -176,7 +176,7 @@ class RdmaServerConnection final : public ServerConnection,
     wr.opcode = IBV_WR_RDMA_READ;
     wr.wr.rdma.remote_addr = cmd.addr;
     wr.wr.rdma.rkey = cmd.rkey;
-    if (const int rc = post_chain(&wr, &wr, 1, WrKind::kRead, idx, true); rc != 0) {
+    if (const int rc = queue_chain(&wr, &wr, 1, WrKind::kRead, idx, true); rc != 0) {
       free_.push_back(idx);
       fail("posting an RDMA READ: " + errno_text(-rc));
     }

@@ -79,6 +79,11 @@ class Endpoint {
   // Posts a chain of `count` WRs ending in `last`; signals the last one when `signal` or
   // when the signalling interval or send-queue headroom asks for it. 0 or -errno.
   int post_chain(ibv_send_wr* first, ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index, bool signal);
+  // The data path's post_chain: the WRs (one SGE each at most) are copied and posted at the end
+  // of this handler turn, together with every other chain queued in it, as one ibv_post_send (a
+  // system call on rxe) for a whole batch of commands or completions. 0 or -errno now; a
+  // failure of the later post ends the connection.
+  int queue_chain(ibv_send_wr* first, ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index, bool signal);
   // A small SEND buffer (command or completion); valid until the send queue wraps.
   std::byte* small_buffer(ibv_sge* sge);
   bool sq_room(unsigned n) const { return sq_used_ + n <= sq_cap_; }
@@ -109,6 +114,8 @@ class Endpoint {
   void handle_cm_event(const rdma::CmEvent& ev);
   void repost_recvs();
   void pump_control();
+  void mark_signal(ibv_send_wr* last, unsigned count, WrKind kind, std::uint32_t index, bool signal);
+  void post_queued();
   void wait_cq();
   void wait_cm();
   void on_cq_ready();
@@ -122,6 +129,12 @@ class Endpoint {
   unsigned sq_used_ = 0;
   unsigned unsignalled_ = 0;
   unsigned small_next_ = 0;
+  struct QueuedWr {
+    ibv_send_wr wr;
+    ibv_sge sge;
+  };
+  std::vector<QueuedWr> queued_;  // queue_chain()'s WRs, posted at the end of the turn
+  bool post_scheduled_ = false;
   std::vector<std::uint32_t> to_repost_;
   std::vector<ibv_recv_wr> recv_wrs_;
   std::vector<ibv_sge> recv_sges_;

@@ -201,6 +201,9 @@ CompletionQueue::CompletionQueue(ibv_context* ctx, int depth) : channel_(ibv_cre
     channel_ = nullptr;
     throw SystemError("ibv_create_cq(depth " + std::to_string(depth) + ")", err);
   }
+  // Non-blocking once here, not a fcntl() pair per wakeup in take_event(); wait() polls first.
+  const int flags = ::fcntl(channel_->fd, F_GETFL);
+  if (flags >= 0) ::fcntl(channel_->fd, F_SETFL, flags | O_NONBLOCK);
 }
 
 CompletionQueue& CompletionQueue::operator=(CompletionQueue&& o) noexcept {
@@ -249,8 +252,6 @@ int CompletionQueue::wait(std::span<ibv_wc> wcs, std::chrono::milliseconds timeo
 }
 
 bool CompletionQueue::take_event() {
-  const int flags = ::fcntl(channel_->fd, F_GETFL);
-  if (flags >= 0 && !(flags & O_NONBLOCK)) ::fcntl(channel_->fd, F_SETFL, flags | O_NONBLOCK);
   ibv_cq* ev_cq = nullptr;
   void* ev_ctx = nullptr;
   if (ibv_get_cq_event(channel_, &ev_cq, &ev_ctx) != 0) return false;

@@ -134,7 +134,7 @@ class CompletionQueue {
   // between polls. Returns the count (0 on timeout). Throws on channel failure.
   int wait(std::span<ibv_wc> wcs, std::chrono::milliseconds timeout);
   // Datapath, for a channel fd watched by an event loop: consumes one pending notification
-  // without blocking (the fd is switched to non-blocking) and acknowledges them in batches.
+  // without blocking (the channel is non-blocking) and acknowledges them in batches.
   // Returns false when none was pending.
   bool take_event();
 

@@ -6,7 +6,6 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <poll.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -299,13 +298,10 @@ void Attachment::bind(KernelSocket& s) {
   if (!s.out.empty()) arm_write(s);
 }
 
-// Asio's epoll reactor is edge-triggered and a wait is never satisfied speculatively: bytes
-// that arrived between our last EAGAIN and the wait would go unnoticed until more arrive. So
-// after queueing the wait, poll once and handle what is already there.
-bool ready_now(int fd, short events) {
-  pollfd p{fd, events, 0};
-  return ::poll(&p, 1, 0) > 0 && (p.revents & (events | POLLHUP | POLLERR)) != 0;
-}
+// No poll() after queueing a wait: Asio starts an async_wait with EPOLL_CTL_MOD on its
+// edge-triggered registration, and the kernel re-checks readiness on MOD, so bytes that arrived
+// after our last read wake the wait at once (boost/asio/detail/impl/epoll_reactor.ipp,
+// start_op; fs/eventpoll.c, ep_modify).
 
 void Attachment::arm_read(KernelSocket& s) {
   if (s.read_armed || s.eof || !s.sd) return;
@@ -315,11 +311,6 @@ void Attachment::arm_read(KernelSocket& s) {
     s.read_armed = false;
     if (!ec) on_readable(s);
   });
-  if (ready_now(s.fd, POLLIN)) {
-    asio::post(current_io(), [this, &s, epoch = s.epoch] {
-      if (epoch == s.epoch && !s.eof) on_readable(s);
-    });
-  }
 }
 
 void Attachment::arm_write(KernelSocket& s) {
@@ -330,11 +321,6 @@ void Attachment::arm_write(KernelSocket& s) {
     s.write_armed = false;
     if (!ec) flush_out(s);
   });
-  if (ready_now(s.fd, POLLOUT)) {
-    asio::post(current_io(), [this, &s, epoch = s.epoch] {
-      if (epoch == s.epoch && !s.eof) flush_out(s);
-    });
-  }
 }
 
 void Attachment::arm_signals() {
@@ -347,11 +333,6 @@ void Attachment::arm_signals() {
     on_signal();
     arm_signals();
   });
-  if (ready_now(sigfd_, POLLIN)) {
-    asio::post(current_io(), [this, epoch = sig_epoch_] {
-      if (epoch == sig_epoch_) on_signal();
-    });
-  }
 }
 
 void Attachment::on_signal() {
@@ -368,6 +349,7 @@ void Attachment::on_signal() {
 }
 
 void Attachment::on_readable(KernelSocket& s) {
+  bool drained = false;  // the last read returned less than it asked for
   for (;;) {
     // 1. Everything already buffered: headers, and the payloads of writes.
     while (!s.eof) {
@@ -405,6 +387,8 @@ void Attachment::on_readable(KernelSocket& s) {
       on_request(s, std::move(r));
     }
     if (s.eof) return;
+    // A short read emptied the socket: wait (arm_read) rather than read again for EAGAIN.
+    if (drained) break;
     // 2. Read more: a large payload straight into its request, the rest into the buffer.
     if (s.in_pos == s.in_end) {
       s.in_pos = s.in_end = 0;
@@ -424,6 +408,7 @@ void Attachment::on_readable(KernelSocket& s) {
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
     if (n <= 0) return close_socket(s, n == 0 ? "the kernel closed it" : errno_text(errno));
+    drained = static_cast<std::size_t>(n) < room;
     if (!direct) {
       s.in_end += static_cast<std::size_t>(n);
       continue;

@@ -63,6 +63,8 @@ double seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 // The read buffer of a kernel socket; write payloads at least this large skip it and are
 // read straight into the request.
 constexpr std::size_t kInBuffer = 64 * 1024;
+// Reads and writes of at least this many bytes are spread over the session's queues (lane()).
+constexpr std::uint32_t kSpreadFrom = 128 * 1024;
 
 // One kernel request on its way through the session.
 struct Request {
@@ -138,6 +140,14 @@ class Attachment {
   bool all_closed() const;
   void write_state(const std::string& state);
   std::string where() const { return opts_.client.host + ":" + std::to_string(opts_.client.port); }
+  // The session queue for a command. Large transfers go round robin over all of them, whichever
+  // kernel queue the request came from: one fio job (one CPU) fills one kernel queue, and spread,
+  // its transfers keep every target worker busy (on rxe each worker also does its RDMA work).
+  // Small ones stay on their kernel queue's session queue: spreading them costs more wakeups
+  // than it gains (guest, RDMA: 1 MiB reads QD 8 +10%, 4 KiB random reads QD 16 -15% spread).
+  unsigned lane(const KernelSocket& s, std::uint32_t length) {
+    return length >= kSpreadFrom ? next_lane_++ % client_->queue_count() : s.q;
+  }
 
   AttachOptions opts_;
   std::unique_ptr<Client> client_;
@@ -158,6 +168,7 @@ class Attachment {
   Clock::time_point stop_deadline_{};
   bool disconnect_sent_ = false;
   std::uint64_t gen_ = 1;
+  unsigned next_lane_ = 0;
   Clock::time_point lost_since_{};
   Clock::time_point next_attempt_{};
   milliseconds backoff_ = kFirstBackoff;
@@ -457,8 +468,8 @@ void Attachment::submit(KernelSocket& s, Request* r) {
       for (std::uint32_t off = 0; off < q.length; off += max) {
         const std::uint32_t len = std::min(max, q.length - off);
         ++r->parts_left;
-        if (q.type == nbd::kCmdRead) client_->read(s.q, handle, q.offset + off, len, r->data.get() + off, done);
-        else client_->write(s.q, handle, q.offset + off, len, r->data.get() + off, fua ? wire::kFlagFua : 0, done);
+        if (q.type == nbd::kCmdRead) client_->read(lane(s, len), handle, q.offset + off, len, r->data.get() + off, done);
+        else client_->write(lane(s, len), handle, q.offset + off, len, r->data.get() + off, fua ? wire::kFlagFua : 0, done);
       }
       break;
     }

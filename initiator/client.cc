@@ -114,6 +114,7 @@ std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool 
       // TCP is allowed, so a failure here is a reason to use it, not an error.
       try {
         admit(*conn, depth);
+        for (const auto& m : memory_) add_memory(*conn, m);
         return conn;
       } catch (const std::exception& e) {
         *why_not = std::string("RDMA connected but the queue failed: ") + e.what();
@@ -125,7 +126,24 @@ std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool 
   if (!conn && !tcp) return nullptr;
   if (!conn) conn = transport::tcp_connect(io_, opts.host, opts.port, opts.timeout);
   admit(*conn, depth);
+  for (const auto& m : memory_) add_memory(*conn, m);
   return conn;
+}
+
+void Client::add_memory(transport::ClientConnection& conn, const Memory& m) {
+  std::string why;
+  if (conn.add_memory(m.base, m.length, &why) || memory_warned_) return;
+  memory_warned_ = true;
+  log()->warn("RDMA: cannot register {} bytes of I/O buffers ({}); data goes through bounce buffers", m.length, why);
+}
+
+void Client::register_memory(std::byte* base, std::size_t length) {
+  memory_.push_back({base, length});
+  for (auto& q : queues_) {
+    for (auto* c : {q->conn.get(), q->draining.get()}) {
+      if (c) add_memory(*c, memory_.back());
+    }
+  }
 }
 
 void Client::admit(transport::ClientConnection& c, unsigned* depth) {
@@ -243,6 +261,12 @@ std::string Client::transport(unsigned q) const {
   return conn ? conn->transport_name() : "none";  // none: the queue was lost
 }
 std::uint64_t Client::session_id() const { return session_id_; }
+
+std::uint64_t Client::bounced() const {
+  std::uint64_t n = 0;
+  for (const auto& q : queues_) n += q->conn ? q->conn->bounced() : 0;
+  return n;
+}
 
 unsigned Client::in_flight() const {
   unsigned n = 0;

@@ -85,6 +85,13 @@ class Client {
   void write_zeroes(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::uint32_t flags,
                     Callback cb);
 
+  // Memory the caller's I/O buffers come from: registered with every RDMA connection of the
+  // session (this one's and later ones'), so data moves straight to and from it. Buffers outside
+  // it still work, through bounce buffers. The memory must outlive the Client.
+  void register_memory(std::byte* base, std::size_t length);
+  // Reads and writes whose data went through the current connections' bounce buffers.
+  std::uint64_t bounced() const;
+
   // Runs completions until done() holds. Throws SystemError when a queue is lost.
   void run_until(const std::function<bool()>& done);
   unsigned in_flight() const;
@@ -134,6 +141,13 @@ class Client {
   std::vector<OpenedExport> opened_;
   bool handles_moved_ = false;
   std::string rdma_not_used_;
+  struct Memory {
+    std::byte* base;
+    std::size_t length;
+  };
+  std::vector<Memory> memory_;  // register_memory()
+  void add_memory(transport::ClientConnection& conn, const Memory& m);
+  bool memory_warned_ = false;
   std::string key_;
   std::chrono::steady_clock::time_point next_probe_{};
   // Closed TCP connections whose handlers may still be queued on io_; freed with the client.

@@ -73,6 +73,12 @@ class ClientConnection {
   // receives them. buffer must stay valid until the completion. Returns 0 or -errno.
   virtual int submit(const wire::Command& cmd, std::byte* buffer) = 0;
   virtual void close() = 0;
+  // Memory the caller will pass to submit(): an RDMA connection registers it, so the target
+  // reads and writes buffers inside it directly instead of through bounce buffers. Setup path;
+  // false (with *why) when it cannot, and I/O still works through the bounce buffers.
+  virtual bool add_memory(std::byte* /*base*/, std::size_t /*length*/, std::string* /*why*/) { return true; }
+  // Reads and writes whose data was copied through a bounce buffer (RDMA, outside add_memory()).
+  virtual std::uint64_t bounced() const { return 0; }
 };
 
 }  // namespace ibdisk::transport

@@ -809,25 +809,44 @@ class RdmaClientConnection final : public ClientConnection, public Endpoint {
     if (dead_) return -ENOTCONN;
     const bool data = cmd.opcode == wire::Opcode::kRead || cmd.opcode == wire::Opcode::kWrite;
     if (data && (cmd.length == 0 || cmd.length > max_io_)) return -EINVAL;
-    if (data && free_slots_.empty()) return -EBUSY;
     if (inflight_.count(cmd.tag)) return -EEXIST;
     wire::Command c = cmd;
     std::uint32_t slot = kNoSlot;
     if (data) {
-      slot = free_slots_.back();
-      std::byte* p = bounce_.data() + static_cast<std::size_t>(slot) * max_io_;
-      if (cmd.opcode == wire::Opcode::kWrite) std::memcpy(p, buffer, cmd.length);
-      c.addr = reinterpret_cast<std::uintptr_t>(p);
-      c.rkey = bounce_.mr().rkey();
+      if (const rdma::MemoryRegion* mr = user_region(buffer, cmd.length)) {
+        c.addr = reinterpret_cast<std::uintptr_t>(buffer);  // the target moves the data straight to or from it
+        c.rkey = mr->rkey();
+      } else {
+        if (free_slots_.empty()) return -EBUSY;
+        ++bounced_;
+        slot = free_slots_.back();
+        std::byte* p = bounce_.data() + static_cast<std::size_t>(slot) * max_io_;
+        if (cmd.opcode == wire::Opcode::kWrite) std::memcpy(p, buffer, cmd.length);
+        c.addr = reinterpret_cast<std::uintptr_t>(p);
+        c.rkey = bounce_.mr().rkey();
+      }
     }
     if (!backlog_.empty() || !sq_room(1)) {
       backlog_.push_back(c);
     } else if (const int rc = post_command(c); rc != 0) {
       return rc;
     }
-    if (data) free_slots_.pop_back();
+    if (slot != kNoSlot) free_slots_.pop_back();
     inflight_.emplace(c.tag, Pending{c, buffer, slot});
     return 0;
+  }
+
+  std::uint64_t bounced() const override { return bounced_; }
+
+  bool add_memory(std::byte* base, std::size_t length, std::string* why) override {
+    try {
+      user_mrs_.emplace_back(device_->pd, base, length,
+                             IBV_ACCESS_LOCAL_WRITE | IBV_ACCESS_REMOTE_READ | IBV_ACCESS_REMOTE_WRITE);
+      return true;
+    } catch (const std::exception& e) {
+      *why = e.what();
+      return false;
+    }
   }
 
   void close() override {
@@ -879,8 +898,10 @@ class RdmaClientConnection final : public ClientConnection, public Endpoint {
     const Pending p = it->second;
     const bool read_data = p.cmd.opcode == wire::Opcode::kRead && c.status == 0;
     if (read_data ? c.length != p.cmd.length : c.length != 0) return fail("completion length does not match the command");
-    if (read_data) std::memcpy(p.buffer, bounce_.data() + static_cast<std::size_t>(p.slot) * max_io_, c.length);
-    if (p.slot != kNoSlot) free_slots_.push_back(p.slot);
+    if (p.slot != kNoSlot) {
+      if (read_data) std::memcpy(p.buffer, bounce_.data() + static_cast<std::size_t>(p.slot) * max_io_, c.length);
+      free_slots_.push_back(p.slot);
+    }
     inflight_.erase(it);
     if (on_complete_) on_complete_(c);
   }
@@ -897,9 +918,20 @@ class RdmaClientConnection final : public ClientConnection, public Endpoint {
     if (started_ && on_closed_) on_closed_(reason);
   }
 
+  // The caller's registered memory that holds [p, p + n), or null.
+  const rdma::MemoryRegion* user_region(const std::byte* p, std::size_t n) const {
+    for (const auto& mr : user_mrs_) {
+      const auto* base = static_cast<const std::byte*>(mr.addr());
+      if (p >= base && n <= mr.length() && static_cast<std::size_t>(p - base) <= mr.length() - n) return &mr;
+    }
+    return nullptr;
+  }
+
   const std::uint32_t max_io_;
   const std::chrono::milliseconds call_timeout_;
   rdma::RegisteredBuffer bounce_;
+  std::vector<rdma::MemoryRegion> user_mrs_;  // add_memory(), on the PD the Endpoint base keeps
+  std::uint64_t bounced_ = 0;
   std::string where_;
   bool started_ = false;
   std::string dead_reason_ = "the connection is closed";

@@ -2,7 +2,9 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -25,6 +27,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "initiator/io_buffers.h"
 #include "target/nbd/protocol.h"
 
 namespace ibdisk::initiator {
@@ -65,11 +68,24 @@ double seconds(Clock::duration d) { return std::chrono::duration<double>(d).coun
 constexpr std::size_t kInBuffer = 64 * 1024;
 // Reads and writes of at least this many bytes are spread over the session's queues (lane()).
 constexpr std::uint32_t kSpreadFrom = 128 * 1024;
+// Request buffers (io_buffers.h): a QD 8 stream of 1 MiB requests, with as much again waiting
+// for the kernel to read it, fits several times over.
+constexpr std::size_t kArenaBytes = 64u << 20;
+// Send buffer of each socket, both ways: a 1 MiB request or reply goes in one call, not in
+// pieces of the default ~200 KiB with a wakeup each.
+constexpr int kSocketBuffer = 4 << 20;
+// Replies with payloads this large go to the kernel by reference (flush_out()), through a pipe.
+constexpr std::uint32_t kSpliceFrom = 64 * 1024;
+constexpr int kPipeBytes = 2 << 20;
+// Replies the kernel may still be reading: past either bound, ask how far it has read.
+constexpr std::size_t kUnreadEntries = 256;
+constexpr std::uint64_t kUnreadBytes = 16u << 20;
 
 // One kernel request on its way through the session.
 struct Request {
   nbd::Request req;
-  std::unique_ptr<std::byte[]> data;  // READ and WRITE payload
+  IoBuffer data;  // READ and WRITE payload
+  nbd::SimpleReplyWire reply{};  // the kernel may read it from here (flush_out())
   unsigned parts_left = 0;
   int status = 0;        // first error of any part, -errno
   bool lost = false;     // a part saw the session go: send again on the next session
@@ -78,11 +94,10 @@ struct Request {
 };
 
 struct Reply {
-  nbd::SimpleReplyWire header;
-  std::unique_ptr<Request> req;  // holds a read's payload until written
+  std::unique_ptr<Request> req;  // its header, and a read's payload
   std::uint32_t payload = 0;
-  std::size_t sent = 0;
-  std::size_t total() const { return sizeof header + payload; }
+  std::size_t sent = 0;  // bytes of it written, or in the pipe
+  std::size_t total() const { return sizeof req->reply + payload; }
 };
 
 // Our end of one socketpair: the kernel's requests in, replies out. Non-blocking reads and
@@ -104,6 +119,21 @@ struct KernelSocket {
   std::size_t payload_got = 0;
   std::unordered_map<Request*, std::unique_ptr<Request>> active;
   std::deque<Reply> out;
+  // Replies go to the kernel by reference: vmsplice into a pipe, splice into the socket. The
+  // kernel copies them out when it reads, so each one stays here until then: what has been
+  // read is what entered the socket minus what its other end still holds (SIOCINQ on our copy
+  // of the kernel's end).
+  int kernel_fd = -1;
+  int pipe_r = -1, pipe_w = -1;
+  std::size_t in_pipe = 0;
+  std::uint64_t written = 0;  // bytes into the socket since the start, by writev or splice
+  std::uint64_t unread_bytes = 0;
+  struct Unread {
+    std::uint64_t end;  // the stream offset of its last byte + 1
+    std::size_t bytes;
+    std::unique_ptr<Request> req;
+  };
+  std::deque<Unread> unread;
 };
 
 class Attachment {
@@ -132,6 +162,8 @@ class Attachment {
   void finish(KernelSocket& s, Request* r, int status);
   void reply(KernelSocket& s, std::unique_ptr<Request> r, std::uint32_t error, bool with_payload);
   void flush_out(KernelSocket& s);
+  void reclaim(KernelSocket& s);
+  IoBuffer buffer(std::size_t bytes);
   void close_socket(KernelSocket& s, const std::string& why);
   void on_lost(const std::string& reason);
   void try_reconnect();
@@ -152,6 +184,7 @@ class Attachment {
   }
 
   AttachOptions opts_;
+  IoBufferPool pool_{kArenaBytes};
   std::unique_ptr<Client> client_;
   proto::Opened opened_;
   std::uint16_t tflags_ = 0;
@@ -186,7 +219,9 @@ Attachment::~Attachment() {
   for (auto& s : socks_) {
     if (s->sd) s->sd->release();
     s->sd.reset();
-    if (s->fd >= 0) ::close(s->fd);
+    for (const int fd : {s->fd, s->kernel_fd, s->pipe_r, s->pipe_w}) {
+      if (fd >= 0) ::close(fd);
+    }
   }
   if (sig_sd_) sig_sd_->release();
   sig_sd_.reset();
@@ -214,6 +249,7 @@ void Attachment::connect_session() {
   }
   transport_ = c->transport(0);
   opened_ = o;
+  c->register_memory(pool_.base(), pool_.size());
   client_ = std::move(c);
 }
 
@@ -253,25 +289,29 @@ void Attachment::attach_device() {
                       ? kForeverKernelTimeoutS
                       : static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::seconds>(opts_.reconnect_timeout).count()) +
                             kKernelTimeoutMarginS;
-  std::vector<int> kernel_ends;
   for (unsigned q = 0; q < queues; ++q) {
     int sv[2];
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) throw SystemError("socketpair", errno);
     auto s = std::make_unique<KernelSocket>();
     s->q = q;
     s->fd = sv[0];
+    s->kernel_fd = sv[1];  // the kernel takes its own reference; ours is for SIOCINQ
     ::fcntl(s->fd, F_SETFL, ::fcntl(s->fd, F_GETFL) | O_NONBLOCK);
+    for (const int fd : sv) {
+      // Above net.core.wmem_max needs CAP_NET_ADMIN; without it the default stays, which works.
+      if (::setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &kSocketBuffer, sizeof kSocketBuffer) != 0) {
+        ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &kSocketBuffer, sizeof kSocketBuffer);
+      }
+    }
+    int p[2];
+    if (::pipe2(p, O_CLOEXEC | O_NONBLOCK) != 0) throw SystemError("pipe2", errno);
+    s->pipe_r = p[0];
+    s->pipe_w = p[1];
+    ::fcntl(s->pipe_w, F_SETPIPE_SZ, kPipeBytes);  // larger is fewer calls; the default also works
+    cfg.sockets.push_back(s->kernel_fd);
     socks_.push_back(std::move(s));
-    kernel_ends.push_back(sv[1]);
   }
-  cfg.sockets = kernel_ends;
-  try {
-    dev_ = NbdDevice::connect(cfg, opts_.kernel);
-  } catch (...) {
-    for (const int fd : kernel_ends) ::close(fd);
-    throw;
-  }
-  for (const int fd : kernel_ends) ::close(fd);  // the kernel holds its own references
+  dev_ = NbdDevice::connect(cfg, opts_.kernel);
   // Requests as large as one ibdisk command where the kernel allows it: fewer splits.
   const std::string max_kb = "/sys/block/nbd" + std::to_string(dev_->index()) + "/queue/max_sectors_kb";
   std::ofstream(max_kb) << (client_->max_io() / 1024) << '\n';
@@ -391,7 +431,7 @@ void Attachment::on_readable(KernelSocket& s) {
         if (r->req.length > nbd::kMaxPayload) {
           return close_socket(s, "a " + std::to_string(r->req.length) + "-byte request, beyond the 32 MiB limit");
         }
-        r->data.reset(new std::byte[std::max<std::uint32_t>(r->req.length, 1)]);
+        r->data = buffer(r->req.length);
       }
       if (r->req.type == nbd::kCmdWrite && r->req.length > 0) {
         s.receiving = std::move(r);
@@ -527,7 +567,7 @@ void Attachment::finish(KernelSocket& s, Request* r, int status) {
 void Attachment::reply(KernelSocket& s, std::unique_ptr<Request> r, std::uint32_t error, bool with_payload) {
   if (s.eof) return;
   Reply rep;
-  rep.header = nbd::make_simple_reply(r->req.cookie, error);
+  r->reply = nbd::make_simple_reply(r->req.cookie, error);
   rep.payload = with_payload ? r->req.length : 0;
   rep.req = std::move(r);
   s.out.push_back(std::move(rep));
@@ -541,11 +581,29 @@ void Attachment::reply(KernelSocket& s, std::unique_ptr<Request> r, std::uint32_
   });
 }
 
+// Replies into the kernel's socket, in order. Small ones are copied, a turn's worth in one writev.
+// A large payload goes by reference instead: vmsplice puts its pages into the pipe, splice moves
+// them into the socket, and the kernel copies the bytes straight into its request when it reads
+// them, so the reply stays untouched in s.unread until then. (A writev of 1 MiB copies it once
+// more and clears the pages it copies into; for small replies that costs less than the extra
+// calls and the kernel reader's wakeup per page.)
 void Attachment::flush_out(KernelSocket& s) {
-  while (!s.out.empty() && !s.eof) {
+  while (!s.eof) {
+    if (s.in_pipe > 0) {  // what is in the pipe goes before anything queued after it
+      const ssize_t w = ::splice(s.pipe_r, nullptr, s.fd, nullptr, s.in_pipe, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+      if (w < 0 && errno == EINTR) continue;
+      if (w < 0 && errno == EAGAIN) return arm_write(s);  // the socket is full
+      if (w <= 0) return close_socket(s, w == 0 ? std::string("splice wrote nothing") : "splice: " + errno_text(errno));
+      s.in_pipe -= static_cast<std::size_t>(w);
+      s.written += static_cast<std::size_t>(w);
+      continue;
+    }
+    if (s.out.empty()) break;
+    const bool by_reference = s.out.front().payload >= kSpliceFrom;
     std::array<iovec, 64> iov{};
     std::size_t n = 0;
     for (auto it = s.out.begin(); it != s.out.end() && n + 2 <= iov.size(); ++it) {
+      if ((it->payload >= kSpliceFrom) != by_reference) break;
       std::size_t skip = it->sent;
       auto add = [&](const void* p, std::size_t len) {
         if (skip >= len) {
@@ -555,22 +613,48 @@ void Attachment::flush_out(KernelSocket& s) {
         iov[n++] = {const_cast<std::byte*>(static_cast<const std::byte*>(p)) + skip, len - skip};
         skip = 0;
       };
-      add(&it->header, sizeof it->header);
+      add(&it->req->reply, sizeof it->req->reply);
       if (it->payload) add(it->req->data.get(), it->payload);
     }
-    const ssize_t w = ::writev(s.fd, iov.data(), static_cast<int>(n));
+    const ssize_t w = by_reference ? ::vmsplice(s.pipe_w, iov.data(), n, SPLICE_F_NONBLOCK)
+                                   : ::writev(s.fd, iov.data(), static_cast<int>(n));
     if (w < 0 && errno == EINTR) continue;
-    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return arm_write(s);
-    if (w < 0) return close_socket(s, errno_text(errno));
-    std::size_t left = static_cast<std::size_t>(w);
-    while (left > 0) {
+    if (w < 0 && errno == EAGAIN && !by_reference) return arm_write(s);
+    if (w <= 0) return close_socket(s, std::string(by_reference ? "vmsplice: " : "writev: ") + errno_text(errno));
+    (by_reference ? s.in_pipe : s.written) += static_cast<std::size_t>(w);
+    for (std::size_t left = static_cast<std::size_t>(w); left > 0;) {
       Reply& front = s.out.front();
       const std::size_t take = std::min(left, front.total() - front.sent);
       front.sent += take;
       left -= take;
-      if (front.sent == front.total()) s.out.pop_front();
+      if (front.sent < front.total()) break;
+      if (by_reference) {
+        s.unread_bytes += front.total();
+        s.unread.push_back({s.written + s.in_pipe - left, front.total(), std::move(front.req)});
+      }
+      s.out.pop_front();
     }
   }
+  if (s.unread.size() > kUnreadEntries || s.unread_bytes > kUnreadBytes) reclaim(s);
+}
+
+// Frees the replies the kernel has read.
+void Attachment::reclaim(KernelSocket& s) {
+  if (s.unread.empty()) return;
+  int queued = 0;
+  if (::ioctl(s.kernel_fd, SIOCINQ, &queued) != 0 || queued < 0) return;
+  const std::uint64_t read = s.written - static_cast<std::uint64_t>(queued);
+  while (!s.unread.empty() && s.unread.front().end <= read) {
+    s.unread_bytes -= s.unread.front().bytes;
+    s.unread.pop_front();
+  }
+}
+
+IoBuffer Attachment::buffer(std::size_t bytes) {
+  if (pool_.exhausted(bytes)) {
+    for (auto& s : socks_) reclaim(*s);
+  }
+  return pool_.get(bytes);
 }
 
 void Attachment::close_socket(KernelSocket& s, const std::string& why) {
@@ -584,6 +668,7 @@ void Attachment::close_socket(KernelSocket& s, const std::string& why) {
   if (s.sd) s.sd->release();
   s.sd.reset();
   s.out.clear();
+  // s.unread stays: the kernel may still read what is queued on its end.
   // The server side closes after NBD_CMD_DISC: the kernel's receive thread (and NBD_DO_IT with
   // the ioctl interface) waits for that.
   ::shutdown(s.fd, SHUT_RDWR);

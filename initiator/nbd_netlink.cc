@@ -7,12 +7,16 @@
 #include <netlink/genl/genl.h>
 #include <netlink/netlink.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <fstream>
 #include <functional>
+#include <memory>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -196,15 +200,35 @@ void NbdDevice::connect_ioctl(const NbdConfig& c) {
   index_ = index;
   // NBD_DO_IT runs the device and returns when it is disconnected.
   const int fd = dev_fd_;
-  do_it_ = std::thread([fd, path] {
-    if (::ioctl(fd, NBD_DO_IT) != 0 && errno != EINTR) {
-      log()->debug("ioctl({}, NBD_DO_IT) ended: {}", path, errno_text(errno));
-    }
+  auto ended = std::make_shared<std::atomic<int>>(-1);  // NBD_DO_IT's errno once it returned
+  do_it_ = std::thread([fd, path, ended] {
+    const int err = ::ioctl(fd, NBD_DO_IT) == 0 ? 0 : errno;
+    if (err != 0 && err != EINTR) log()->debug("ioctl({}, NBD_DO_IT) ended: {}", path, errno_text(err));
     ::ioctl(fd, NBD_CLEAR_QUE);
     ::ioctl(fd, NBD_CLEAR_SOCK);
+    ended->store(err);
   });
-  // The device is live once the kernel reports a pid for it.
-  for (int i = 0; i < 200 && !nbd_device_connected(index); ++i) ::usleep(10000);
+  // NBD_DO_IT makes the pid file before it starts the receive threads and sets the size, so the
+  // device is usable once it has a size; on a loaded host that can take seconds. Announced
+  // earlier, it is empty to whoever opens it first.
+  const std::string size_file = "/sys/block/nbd" + std::to_string(index) + "/size";
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  for (;;) {
+    std::uint64_t sectors = 0;
+    std::ifstream(size_file) >> sectors;
+    if (nbd_device_connected(index) && (sectors > 0 || c.size_bytes < 512)) return;
+    const int err = ended->load();
+    const bool late = std::chrono::steady_clock::now() >= give_up;
+    if (err < 0 && !late) {
+      ::usleep(10000);
+      continue;
+    }
+    // Failed: the kernel's ends closed make the device's receive threads, and so NBD_DO_IT, end.
+    for (const int k : c.sockets) ::shutdown(k, SHUT_RDWR);
+    if (err >= 0) throw SystemError("ioctl(" + path + ", NBD_DO_IT)", err == 0 ? EIO : err, "see `dmesg` for the nbd driver's reason");
+    throw SystemError("starting " + path + " (ioctl NBD_DO_IT)", std::string("the device did not come up within 30 s"),
+                      "see `dmesg` for the nbd driver's reason");
+  }
 }
 
 void NbdDevice::disconnect() {

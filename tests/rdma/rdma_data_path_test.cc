@@ -37,6 +37,17 @@ target::ServerOptions rdma_target(const std::string& img, bool rdma = true) {
   return o;
 }
 
+// A fresh sparse image exported as "disk" by a target on the guest's RDMA address.
+struct ImageTarget {
+  explicit ImageTarget(std::uint64_t size, bool rdma = true) : srv(rdma_target(sparse(dir.file("d.img"), size), rdma)) {}
+  static std::string sparse(const std::string& path, std::uint64_t size) {
+    testing::make_sparse_file(path, size);
+    return path;
+  }
+  TempDir dir;
+  ServerThread srv;
+};
+
 ClientOptions client_for(std::uint16_t port, unsigned queues, unsigned depth, const std::string& transport) {
   ClientOptions c;
   c.host = testing::rdma_addr();
@@ -53,10 +64,8 @@ using testing::sync;
 // overlapping while in flight: every byte read matches the model, then a full read-back.
 TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
   IBDISK_REQUIRE_RDMA();
-  TempDir dir;
-  const std::string img = dir.file("disk.img");
-  testing::make_sparse_file(img, kImage);
-  ServerThread srv(rdma_target(img));
+  ImageTarget t(kImage);
+  ServerThread& srv = t.srv;
   ASSERT_NE(srv.server().rdma_port(), 0) << srv.server().rdma_status();
   auto client = Client::connect(client_for(srv.port(), 2, 16, "rdma"));
   for (unsigned q = 0; q < client->queue_count(); ++q) ASSERT_EQ(client->transport(q), "rdma");
@@ -90,10 +99,8 @@ TEST(RdmaDataPath, RandomWorkloadMatchesModel) {
 // Flush, FUA, trim, write-zeroes and an out-of-range read over RDMA: statuses as over TCP.
 TEST(RdmaDataPath, NonDataCommandsAndErrors) {
   IBDISK_REQUIRE_RDMA();
-  TempDir dir;
-  const std::string img = dir.file("d.img");
-  testing::make_sparse_file(img, 16 << 20);
-  ServerThread srv(rdma_target(img));
+  ImageTarget t(16 << 20);
+  ServerThread& srv = t.srv;
   auto c = Client::connect(client_for(srv.port(), 1, 4, "rdma"));
   const auto h = c->open("disk", false);
   std::vector<std::byte> data(1 << 20), back(1 << 20);
@@ -114,10 +121,8 @@ TEST(RdmaDataPath, NonDataCommandsAndErrors) {
 // the bounce buffers. The data is right either way.
 TEST(RdmaDataPath, RegisteredMemoryMovesDataWithoutBounceCopies) {
   IBDISK_REQUIRE_RDMA();
-  TempDir dir;
-  const std::string img = dir.file("d.img");
-  testing::make_sparse_file(img, 16 << 20);
-  ServerThread srv(rdma_target(img));
+  ImageTarget t(16 << 20);
+  ServerThread& srv = t.srv;
   auto c = Client::connect(client_for(srv.port(), 2, 8, "rdma"));
   const auto h = c->open("disk", false);
   constexpr std::size_t kRegion = 4 << 20;
@@ -147,10 +152,8 @@ TEST(RdmaDataPath, RegisteredMemoryMovesDataWithoutBounceCopies) {
 // A target without RDMA: auto connects over TCP and says why; a forced rdma fails clearly.
 TEST(RdmaFallback, AutoUsesTcpAndSaysWhyForcedRdmaFails) {
   IBDISK_REQUIRE_RDMA();
-  TempDir dir;
-  const std::string img = dir.file("d.img");
-  testing::make_sparse_file(img, 16 << 20);
-  ServerThread srv(rdma_target(img, /*rdma=*/false));
+  ImageTarget t(16 << 20, /*rdma=*/false);
+  ServerThread& srv = t.srv;
   EXPECT_EQ(srv.server().rdma_port(), 0);
   const auto start = std::chrono::steady_clock::now();
   auto c = Client::connect(client_for(srv.port(), 2, 8, "auto"));
@@ -175,10 +178,8 @@ TEST(RdmaFallback, AutoUsesTcpAndSaysWhyForcedRdmaFails) {
 // serving RDMA queues.
 TEST(RdmaConnect, ForeignPrivateDataRejectedTargetKeepsServing) {
   IBDISK_REQUIRE_RDMA();
-  TempDir dir;
-  const std::string img = dir.file("d.img");
-  testing::make_sparse_file(img, 16 << 20);
-  ServerThread srv(rdma_target(img));
+  ImageTarget t(16 << 20);
+  ServerThread& srv = t.srv;
   ASSERT_NE(srv.server().rdma_port(), 0) << srv.server().rdma_status();
   auto try_connect = [&](const void* data, std::uint8_t len) {
     rdma::EventChannel ch;

@@ -16,6 +16,7 @@
 #include "bench/histogram.h"
 #include "bench/offsets.h"
 #include "common/error.h"
+#include "target/request.h"
 #include "target/storage.h"
 #include "transport/tcp/asio.h"
 
@@ -24,17 +25,19 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-struct Run;
+// The storage engine through the target's request path (target/request.h), as the target
+// serves sessions: one request per unit of queue depth, each with its own buffer, started
+// again as soon as it is FREE. The port has no transport: a write's data is in its buffer
+// already and a reply is only counted.
+struct Run final : target::RequestPort {
+  struct Slot {
+    target::Request req;
+    transport::Slot buffer;
+    Clock::time_point started;
+  };
 
-// One request slot per unit of queue depth, each with its own buffer, resubmitted as it completes.
-struct Slot {
-  target::IoRequest req;
-  Run* run = nullptr;
-  Clock::time_point started;
-};
-
-struct Run {
-  target::StorageEngine* engine = nullptr;
+  target::StorageEngine* engine_ = nullptr;
+  boost::asio::io_context* io_ = nullptr;
   target::BackingFile* file = nullptr;
   Pattern pattern = Pattern::kRead;
   std::uint32_t block_size = 0;
@@ -49,38 +52,54 @@ struct Run {
   std::uint64_t error_offset = 0;
   Clock::time_point last_done;
 
-  void issue(Slot& s) {
-    s.req.offset = offsets.next();
-    s.started = Clock::now();
-    engine->submit(*file, &s.req);
-  }
-};
+  static Slot& of(target::Request& r) { return *static_cast<Slot*>(r.port_data); }
 
-void on_done(target::IoRequest* req, int res) {
-  auto* s = static_cast<Slot*>(req->context);
-  Run& r = *s->run;
-  const auto now = Clock::now();
-  r.last_done = now;
-  if (res < 0) {
-    if (r.error == 0) {
-      r.error = -res;
-      r.error_offset = req->offset;
+  void issue(Slot& s) {
+    wire::Command cmd;
+    cmd.opcode = is_write(pattern) ? wire::Opcode::kWrite : wire::Opcode::kRead;
+    cmd.length = block_size;
+    cmd.offset = offsets.next();
+    s.started = Clock::now();
+    s.req.start(*this, cmd);
+  }
+
+  Resolved resolve(target::Request&) override { return {Verdict::kOk, file, is_write(pattern), nullptr}; }
+  bool acquire_slot(target::Request& r) override {
+    r.slot = of(r).buffer;
+    return true;
+  }
+  void release_slot(target::Request& r) override { r.slot = {}; }
+  void receive_data(target::Request& r) override { r.data_received(0); }
+  void send_reply(target::Request& r) override {
+    const auto now = Clock::now();
+    last_done = now;
+    if (r.status < 0) {
+      if (error == 0) {
+        error = -r.status;
+        error_offset = r.cmd.offset;
+      }
+      stopping = true;
+    } else {
+      const auto ns = static_cast<std::uint64_t>(
+          std::chrono::duration_cast<std::chrono::nanoseconds>(now - of(r).started).count());
+      latency.record(ns);
+      latency_sum_ns += static_cast<double>(ns);
+      ++ios;
+      bytes += r.cmd.length;
     }
-    r.stopping = true;
-  } else {
-    const auto ns = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now - s->started).count());
-    r.latency.record(ns);
-    r.latency_sum_ns += static_cast<double>(ns);
-    ++r.ios;
-    r.bytes += static_cast<std::uint64_t>(res);
+    r.reply_sent(0);
   }
-  if (r.stopping || now >= r.deadline) {
-    r.stopping = true;
-    --r.active;
-    return;
+  void request_done(target::Request& r) override {
+    if (stopping || Clock::now() >= deadline) {
+      stopping = true;
+      --active;
+      return;
+    }
+    issue(of(r));
   }
-  r.issue(*s);
-}
+  target::StorageEngine& engine() override { return *engine_; }
+  boost::asio::io_context& io() override { return *io_; }
+};
 
 double cpu_seconds(const timeval& tv) { return static_cast<double>(tv.tv_sec) + static_cast<double>(tv.tv_usec) / 1e6; }
 
@@ -179,22 +198,19 @@ LocalResult run_local(const LocalOptions& opts, const std::function<void(double)
   }
 
   Run run;
-  run.engine = &engine;
+  run.engine_ = &engine;
+  run.io_ = &io;
   run.file = file.get();
   run.pattern = opts.pattern;
   run.block_size = opts.block_size;
   run.offsets = Offsets(opts.pattern == Pattern::kRead || opts.pattern == Pattern::kWrite, opts.block_size,
                         size / opts.block_size, opts.seed);
-  std::vector<Slot> slots(opts.iodepth);
+  std::vector<Run::Slot> slots(opts.iodepth);
   for (unsigned i = 0; i < opts.iodepth; ++i) {
-    Slot& s = slots[i];
-    s.run = &run;
-    s.req.op = write ? target::IoOp::kWrite : target::IoOp::kRead;
-    s.req.length = opts.block_size;
-    s.req.data = base + i * stride;
-    s.req.fixed_index = opts.fixed_buffers ? static_cast<int>(i) : -1;
-    s.req.done = &on_done;
-    s.req.context = &s;
+    Run::Slot& s = slots[i];
+    s.req.port_data = &s;
+    s.buffer = transport::Slot{base + i * stride, static_cast<std::uint32_t>(stride),
+                               opts.fixed_buffers ? static_cast<int>(i) : -1};
   }
 
   rusage ru0{}, ru1{};

@@ -162,8 +162,10 @@ int run_stats(HostArgs& a) {
     std::string transports, exports;
     for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ",") + t;
     for (const auto& e : x.exports()) exports += (exports.empty() ? "" : ",") + e;
-    std::printf("%016llx %-22s %-12s %-14s %-16s %10s %10s %6llu\n", static_cast<unsigned long long>(x.session_id()),
-                x.client().c_str(), x.client_name().c_str(), transports.c_str(), exports.empty() ? "-" : exports.c_str(),
+    // The target shows the id of the asker's own session only (the id is half of what joining needs).
+    char id[24] = "(not yours)";
+    if (x.session_id()) std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(x.session_id()));
+    std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6llu\n", id, x.client().c_str(), x.client_name().c_str(), transports.c_str(), exports.empty() ? "-" : exports.c_str(),
                 human_bytes(x.bytes_read()).c_str(), human_bytes(x.bytes_written()).c_str(),
                 static_cast<unsigned long long>(x.errors()));
   }
@@ -222,6 +224,7 @@ int run_copy(CopyArgs& a) {
   for (unsigned i = 0; i < lanes; ++i) {
     o.queues = a.queues / lanes + (i < a.queues % lanes ? 1 : 0);
     o.join_session = i ? clients[0]->session_id() : 0;
+    o.join_secret = i ? clients[0]->session_secret() : std::string();
     clients.push_back(Client::connect(o));
     // The first fell back to TCP (and said why): the others go straight to it.
     if (i == 0 && o.transport == "auto" && clients[0]->transport(0) == "tcp") o.transport = "tcp";

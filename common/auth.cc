@@ -104,4 +104,8 @@ std::string server_mac(std::string_view key, std::string_view server_nonce, std:
   return mac_of(key, "ibdisk-auth-server-v1", client_nonce, server_nonce);
 }
 
+std::string join_proof(std::string_view session_secret, std::string_view server_nonce, std::string_view client_nonce) {
+  return mac_of(session_secret, "ibdisk-join-v1", server_nonce, client_nonce);
+}
+
 }  // namespace ibdisk

@@ -22,5 +22,8 @@ std::string random_bytes(std::size_t n);
 // The MACs of proto/ibdisk.proto's Auth and Welcome messages.
 std::string client_mac(std::string_view key, std::string_view server_nonce, std::string_view client_nonce);
 std::string server_mac(std::string_view key, std::string_view server_nonce, std::string_view client_nonce);
+// Auth.join_proof of a queue joining a session: HMAC-SHA256(session secret, "ibdisk-join-v1" ||
+// server_nonce || client_nonce). The secret itself never crosses the wire again.
+std::string join_proof(std::string_view session_secret, std::string_view server_nonce, std::string_view client_nonce);
 
 }  // namespace ibdisk

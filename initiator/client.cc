@@ -7,8 +7,6 @@
 #include "common/auth.h"
 #include "common/error.h"
 #include "common/log.h"
-#include "transport/rdma/rdma_connection.h"
-#include "transport/tcp/tcp_connection.h"
 
 namespace ibdisk::initiator {
 namespace {
@@ -68,6 +66,10 @@ bool parse_remote(const std::string& text, RemoteName* out) {
   return true;
 }
 
+namespace {
+std::string where_of(const ClientOptions& o) { return o.host + ":" + std::to_string(o.port); }
+}  // namespace
+
 void throw_if_error(const proto::Control& reply, const std::string& what) {
   if (reply.has_error()) {
     throw SystemError(what, reply.error().message(), "", 0);
@@ -77,8 +79,11 @@ void throw_if_error(const proto::Control& reply, const std::string& what) {
 struct Client::Queue {
   unsigned index = 0;
   std::unique_ptr<transport::ClientConnection> conn;
+  bool primary = false;       // conn is on the primary transport (RDMA)
+  std::uint32_t queue_id = 0;  // the target's number for conn
   // The previous connection, finishing the commands it carries after a move back to RDMA.
   std::unique_ptr<transport::ClientConnection> draining;
+  bool draining_primary = false;
   unsigned depth = 0;
   unsigned inflight = 0;
   std::uint64_t next_tag = 1;
@@ -97,42 +102,49 @@ struct Client::Queue {
   }
 };
 
-std::unique_ptr<transport::ClientConnection> Client::open_queue(bool rdma, bool tcp, std::chrono::milliseconds rdma_timeout,
-                                                                unsigned* depth, std::string* why_not) {
+Client::Admitted Client::open_queue(bool primary, bool fallback, std::chrono::milliseconds primary_timeout,
+                                    std::uint32_t replaces, std::string* why_not) {
   const auto& opts = opts_;
-  const std::uint16_t rdma_port = opts.rdma_port ? opts.rdma_port : opts.port;
-  std::unique_ptr<transport::ClientConnection> conn;
-  if (rdma) {
-    transport::RdmaConnectOptions ro;
-    ro.queue_depth = std::clamp(opts.queue_depth, 1u, wire::kMaxQueueDepth);
-    ro.max_io = std::clamp<std::uint32_t>(opts.max_io, 4096, wire::kMaxIoSize);
-    ro.connect_timeout = std::min(rdma_timeout, opts.timeout);
-    ro.call_timeout = opts.timeout;
-    conn = transport::rdma_connect(io_, opts.host, rdma_port, ro, why_not);
-    if (conn && tcp) {
-      // Connected, but the queue may still fail on RDMA (the device going away under it):
-      // TCP is allowed, so a failure here is a reason to use it, not an error.
+  transport::ConnectOptions co;
+  co.queue_depth = std::clamp(opts.queue_depth, 1u, wire::kMaxQueueDepth);
+  co.max_io = std::clamp<std::uint32_t>(opts.max_io, 4096, wire::kMaxIoSize);
+  co.call_timeout = opts.timeout;
+  Admitted a;
+  if (primary) {
+    co.connect_timeout = std::min(primary_timeout, opts.timeout);
+    a.conn = primary_->connect(io_, opts.host, opts.rdma_port ? opts.rdma_port : opts.port, co, why_not);
+    a.primary = a.conn != nullptr;
+    if (a.conn && fallback) {
+      // Connected, but the queue may still fail on RDMA (the device going away under it): the
+      // fallback is allowed, so a failure here is a reason to use it, not an error.
       try {
-        admit(*conn, depth);
-        for (const auto& m : memory_) add_memory(*conn, m);
-        return conn;
+        admit(*a.conn, replaces, &a);
+        for (const auto& m : memory_) add_memory(*a.conn, m);
+        return a;
       } catch (const std::exception& e) {
         *why_not = std::string("RDMA connected but the queue failed: ") + e.what();
         log()->debug("{}", *why_not);
-        conn.reset();
+        a = Admitted{};
       }
     }
   }
-  if (!conn && !tcp) return nullptr;
-  if (!conn) conn = transport::tcp_connect(io_, opts.host, opts.port, opts.timeout);
-  admit(*conn, depth);
-  for (const auto& m : memory_) add_memory(*conn, m);
-  return conn;
+  if (!a.conn && !fallback) return a;
+  if (!a.conn) {
+    co.connect_timeout = opts.timeout;
+    std::string why;
+    a.conn = fallback_->connect(io_, opts.host, opts.port, co, &why);
+    if (!a.conn) throw SystemError("connecting to " + opts.host, why, "check the target and the network");
+  }
+  admit(*a.conn, replaces, &a);
+  for (const auto& m : memory_) add_memory(*a.conn, m);
+  return a;
 }
 
 void Client::add_memory(transport::ClientConnection& conn, const Memory& m) {
+  auto* reg = dynamic_cast<transport::RegisteredMemory*>(&conn);
+  if (!reg) return;  // moves data by copy anyway (TCP)
   std::string why;
-  if (conn.add_memory(m.base, m.length, &why) || memory_warned_) return;
+  if (reg->add_memory(m.base, m.length, &why) || memory_warned_) return;
   memory_warned_ = true;
   log()->warn("RDMA: cannot register {} bytes of I/O buffers ({}); data goes through bounce buffers", m.length, why);
 }
@@ -146,7 +158,7 @@ void Client::register_memory(std::byte* base, std::size_t length) {
   }
 }
 
-void Client::admit(transport::ClientConnection& c, unsigned* depth) {
+void Client::admit(transport::ClientConnection& c, std::uint32_t replaces, Admitted* out) {
   const auto& opts = opts_;
   const std::string where = opts.host + ":" + std::to_string(opts.port);
   transport::ClientConnection* conn = &c;
@@ -161,6 +173,7 @@ void Client::admit(transport::ClientConnection& c, unsigned* depth) {
   h->set_client_name(opts.client_name);
   h->set_join_session(session_id_);
   h->set_client_nonce(client_nonce);
+  if (session_id_ != 0) h->set_replaces_queue(replaces);
   const proto::Control challenge = conn->call(hello);
   throw_if_error(challenge, "connecting to " + where);
   if (!challenge.has_challenge()) throw SystemError("connecting to " + where, std::string("no Challenge from the target"));
@@ -168,20 +181,26 @@ void Client::admit(transport::ClientConnection& c, unsigned* depth) {
     throw SystemError("connecting to " + where, std::string("the target requires a key"),
                       "give --key-file with a copy of the target's key file");
   }
+  const std::string& server_nonce = challenge.challenge().server_nonce();
   proto::Control auth;
-  if (!key_.empty()) auth.mutable_auth()->set_mac(client_mac(key_, challenge.challenge().server_nonce(), client_nonce));
-  else auth.mutable_auth();
+  auth.mutable_auth();
+  if (!key_.empty()) auth.mutable_auth()->set_mac(client_mac(key_, server_nonce, client_nonce));
+  if (session_id_ != 0) auth.mutable_auth()->set_join_proof(join_proof(session_secret_, server_nonce, client_nonce));
   const proto::Control welcome = conn->call(auth);
   session_unknown_ = welcome.has_error() && welcome.error().code() == proto::ERROR_UNKNOWN_SESSION;
   throw_if_error(welcome, "connecting to " + where);
   if (!welcome.has_welcome()) throw SystemError("connecting to " + where, std::string("no Welcome from the target"));
   const auto& w = welcome.welcome();
-  if (!key_.empty() && !constant_time_equal(w.server_mac(), server_mac(key_, challenge.challenge().server_nonce(), client_nonce))) {
+  if (!key_.empty() && !constant_time_equal(w.server_mac(), server_mac(key_, server_nonce, client_nonce))) {
     throw SystemError("connecting to " + where, std::string("the target could not prove it holds the key"),
                       "is this the right host? check the key files on both sides");
   }
-  *depth = w.queue_depth();
-  if (*depth == 0 || w.max_io_size() == 0) throw SystemError("connecting to " + where, std::string("the target granted no queue"));
+  out->depth = w.queue_depth();
+  out->queue_id = w.queue_id();
+  if (out->depth == 0 || w.max_io_size() == 0) {
+    throw SystemError("connecting to " + where, std::string("the target granted no queue"));
+  }
+  if (session_id_ == 0) session_secret_ = w.session_secret();
   session_id_ = w.session_id();
   max_io_ = max_io_ == 0 ? w.max_io_size() : std::min(max_io_, w.max_io_size());
 }
@@ -193,29 +212,36 @@ std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
   }
   std::unique_ptr<Client> c(new Client());
   c->opts_ = opts;
+  c->primary_ = opts.primary ? opts.primary : transport::rdma_connector();
+  c->fallback_ = opts.fallback ? opts.fallback : transport::tcp_connector();
   c->key_ = opts.key_file.empty() ? std::string() : load_key_file(opts.key_file);
   c->session_id_ = opts.join_session;
-  const std::string where = opts.host + ":" + std::to_string(opts.port);
-  bool try_rdma = opts.transport != "tcp";
+  c->session_secret_ = opts.join_secret;
+  bool try_primary = opts.transport != "tcp";
   for (unsigned i = 0; i < opts.queues; ++i) {
     auto q = std::make_unique<Queue>();
     q->index = i;
     std::string why;
-    q->conn = c->open_queue(try_rdma, opts.transport != "rdma", opts.rdma_timeout, &q->depth, &why);
-    if (!q->conn) {
+    Admitted a = c->open_queue(try_primary, opts.transport != "rdma", opts.rdma_timeout, 0, &why);
+    if (!a.conn) {
       throw SystemError("connecting to " + opts.host + " over RDMA (port " +
                             std::to_string(opts.rdma_port ? opts.rdma_port : opts.port) + ")",
                         why, "check `ibdisk setup doctor` on both sides, or use --transport auto to allow TCP");
     }
-    if (try_rdma && q->conn->transport_name() != "rdma") {
+    if (try_primary && !a.primary) {
       log()->warn("RDMA not used: {}; using TCP", why);
       c->rdma_not_used_ = why;
-      try_rdma = false;
+      try_primary = false;
     }
+    q->conn = std::move(a.conn);
+    q->primary = a.primary;
+    q->depth = a.depth;
+    q->queue_id = a.queue_id;
     c->queues_.push_back(std::move(q));
   }
   c->next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
-  log()->debug("session {:016x} with {}: {} queue(s) of depth {}", c->session_id_, where, opts.queues, c->queues_[0]->depth);
+  log()->debug("session {:016x} with {}: {} queue(s) of depth {}", c->session_id_, where_of(opts), opts.queues,
+               c->queues_[0]->depth);
   return c;
 }
 
@@ -253,6 +279,18 @@ proto::Opened Client::open(const std::string& name, bool read_only) {
   return reply.opened();
 }
 
+void Client::close(std::uint32_t handle) {
+  std::uint32_t current = handle;
+  for (const auto& e : opened_) {
+    if (e.handle == handle) current = e.current;
+  }
+  proto::Control req;
+  req.mutable_close()->set_handle(current);
+  const auto reply = queues_.at(0)->conn->call(req);
+  throw_if_error(reply, "closing handle " + std::to_string(handle));
+  std::erase_if(opened_, [handle](const OpenedExport& e) { return e.handle == handle; });
+}
+
 unsigned Client::queue_count() const { return static_cast<unsigned>(queues_.size()); }
 unsigned Client::queue_depth(unsigned q) const { return queues_.at(q)->depth; }
 std::uint32_t Client::max_io() const { return max_io_; }
@@ -264,7 +302,9 @@ std::uint64_t Client::session_id() const { return session_id_; }
 
 std::uint64_t Client::bounced() const {
   std::uint64_t n = 0;
-  for (const auto& q : queues_) n += q->conn ? q->conn->bounced() : 0;
+  for (const auto& q : queues_) {
+    if (const auto* reg = dynamic_cast<const transport::RegisteredMemory*>(q->conn.get())) n += reg->bounced();
+  }
   return n;
 }
 
@@ -297,41 +337,42 @@ void Client::start_conn(Queue& queue, transport::ClientConnection* conn) {
         dispatch(*q);
         cb(c.status);
       },
-      [this, q, conn](const std::string& reason) {
+      [this, q, conn](const transport::CloseReason& reason) {
         // Not from inside the connection's own handler: the connection may be replaced.
         boost::asio::post(io_, [this, q, conn, reason] { on_conn_lost(*q, conn, reason); });
       });
 }
 
-std::unique_ptr<transport::ClientConnection> Client::reconnect_queue(unsigned* depth) {
+Client::Admitted Client::reconnect_queue(std::uint32_t replaces) {
   std::string why;
   const std::uint64_t tried = session_id_;
   try {
-    return open_queue(true, true, kProbeTimeout, depth, &why);
+    return open_queue(true, true, kProbeTimeout, replaces, &why);
   } catch (const SystemError&) {
     // A Client that opened nothing shares another's exports: a new session could not have them.
     if (!session_unknown_ || opened_.empty()) throw;
   }
   // Another queue's reconnection ran while this one waited for the target (a TCP call runs
   // io_) and has started the new session already: join that one.
-  if (session_id_ != tried) return open_queue(true, true, kProbeTimeout, depth, &why);
+  if (session_id_ != tried) return open_queue(true, true, kProbeTimeout, 0, &why);
   // The target ended the session: with a removed device it may see its queues closed as if by
   // the initiator. Start a new session; its handles replace the caller's, in the same order.
   log()->warn("session {:016x} ended on the target; starting a new one and opening its {} export(s) again", tried,
               opened_.size());
   session_id_ = 0;
-  auto conn = open_queue(true, true, kProbeTimeout, depth, &why);
+  session_secret_.clear();
+  Admitted a = open_queue(true, true, kProbeTimeout, 0, &why);
   for (auto& e : opened_) {
     proto::Control req;
     req.mutable_open()->set_name(e.name);
     req.mutable_open()->set_read_only(e.read_only);
-    const auto reply = conn->call(req);
+    const auto reply = a.conn->call(req);
     throw_if_error(reply, "opening export '" + e.name + "' again");
     if (!reply.has_opened()) throw SystemError("opening export '" + e.name + "' again", std::string("no Opened reply"));
     e.current = reply.opened().handle();
     handles_moved_ = handles_moved_ || e.current != e.handle;
   }
-  return conn;
+  return a;
 }
 
 int Client::send(transport::ClientConnection& conn, const wire::Command& cmd, std::byte* buf) {
@@ -346,20 +387,21 @@ int Client::send(transport::ClientConnection& conn, const wire::Command& cmd, st
 void Client::retire(std::unique_ptr<transport::ClientConnection> conn) {
   if (!conn) return;
   conn->close();
-  // An RDMA connection must go now (a removed device waits for it); a TCP one may still have
+  // An RDMA connection must go now (a removed device waits for it); another may still have
   // handlers queued on io_, so it stays until the client goes.
   if (conn->transport_name() != "rdma") retired_.push_back(std::move(conn));
 }
 
-void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const std::string& reason) {
+void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const transport::CloseReason& reason) {
   if (conn != q.conn.get() && conn != q.draining.get()) return;  // already replaced
-  const std::string what = "queue " + std::to_string(q.index) + " to " + opts_.host + ": " + reason;
-  const bool failover = opts_.transport == "auto" && conn->transport_name() == "rdma";
+  const std::string what = "queue " + std::to_string(q.index) + " to " + opts_.host + ": " + reason.detail;
+  const bool was_primary = conn == q.conn.get() ? q.primary : q.draining_primary;
+  const bool failover = opts_.transport == "auto" && was_primary;
   if (!failover) {
     if (lost_.empty()) lost_ = what;
     return;
   }
-  log()->info("queue {}: RDMA connection lost ({}); reconnecting", q.index, reason);
+  log()->info("queue {}: RDMA connection lost ({}); reconnecting", q.index, reason.detail);
   std::unique_ptr<transport::ClientConnection> old;
   if (conn == q.draining.get()) {
     old = std::move(q.draining);
@@ -367,12 +409,14 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const std
     old = std::move(q.conn);
     if (q.draining) {  // the one it was replacing still works: use it again
       q.conn = std::move(q.draining);
+      q.primary = q.draining_primary;
     } else {
       try {
-        std::string why;
-        unsigned depth = 0;
-        q.conn = reconnect_queue(&depth);
-        q.depth = std::min(q.depth, depth);
+        Admitted a = reconnect_queue(q.queue_id);
+        q.conn = std::move(a.conn);
+        q.primary = a.primary;
+        q.queue_id = a.queue_id;
+        q.depth = a.depth;  // what this connection was granted: it may be less, or more again
         start_conn(q, q.conn.get());
       } catch (const std::exception& e) {
         log()->error("queue {}: reconnecting failed: {}", q.index, e.what());
@@ -381,26 +425,24 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const std
         return;
       }
     }
-    log()->warn("queue {}: RDMA connection lost ({}); continuing over {} without failing I/O", q.index, reason,
+    log()->warn("queue {}: RDMA connection lost ({}); continuing over {} without failing I/O", q.index, reason.detail,
                 q.conn->transport_name());
   }
-  // Send again, in order, what the lost connection carried.
+  // What the lost connection carried goes first in the backlog, in order, so the new
+  // connection sends it again within its own granted depth.
   std::vector<std::uint64_t> tags;
   for (const auto& [tag, p] : q.pending) {
     if (p.via == old.get()) tags.push_back(tag);
   }
   std::sort(tags.begin(), tags.end());
   retire(std::move(old));
-  for (const auto tag : tags) {
-    auto& p = q.pending.at(tag);
-    p.via = q.conn.get();
-    if (const int rc = send(*q.conn, p.cmd, p.buf); rc != 0) {
-      Callback cb = std::move(p.cb);
-      q.pending.erase(tag);
-      --q.inflight;
-      cb(rc);
-    }
+  for (auto it = tags.rbegin(); it != tags.rend(); ++it) {
+    auto node = q.pending.extract(*it);
+    node.mapped().via = nullptr;
+    q.backlog.push_front(std::move(node.mapped()));
+    --q.inflight;
   }
+  resent_ += tags.size();
   dispatch(q);
 }
 
@@ -408,23 +450,25 @@ void Client::probe_rdma() {
   if (opts_.transport != "auto" || !started_ || std::chrono::steady_clock::now() < next_probe_) return;
   next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
   for (auto& q : queues_) {
-    if (!q->conn || q->conn->transport_name() == "rdma" || q->draining) continue;
+    if (!q->conn || q->primary || q->draining) continue;
     std::string why;
-    unsigned depth = 0;
-    std::unique_ptr<transport::ClientConnection> conn;
+    Admitted a;
     try {
-      conn = open_queue(true, false, kProbeTimeout, &depth, &why);
+      a = open_queue(true, false, kProbeTimeout, 0, &why);
     } catch (const std::exception& e) {
       why = e.what();
     }
-    if (!conn) {
+    if (!a.conn) {
       log()->debug("queue {}: RDMA still not usable: {}", q->index, why);
       return;  // try again later; one attempt per interval
     }
     log()->info("queue {}: back on RDMA", q->index);
     q->draining = std::move(q->conn);
-    q->conn = std::move(conn);
-    q->depth = std::min(q->depth, depth);
+    q->draining_primary = q->primary;
+    q->conn = std::move(a.conn);
+    q->primary = true;
+    q->queue_id = a.queue_id;
+    q->depth = a.depth;
     start_conn(*q, q->conn.get());
     if (q->carried_by(q->draining.get()) == 0) retire(std::move(q->draining));
     rdma_not_used_.clear();

@@ -38,8 +38,14 @@ struct ClientOptions {
   std::uint16_t rdma_port = 0;  // RDMA CM port; 0: the same number as `port`
   std::chrono::milliseconds rdma_timeout{2500};  // for the RDMA attempt of each queue
   // Nonzero: this Client's queues join that session (another Client's, on another thread, whose
-  // open handles they then share) instead of starting a new one.
+  // open handles they then share) instead of starting a new one; join_secret is that Client's
+  // session_secret(), without which the target refuses the join.
   std::uint64_t join_session = 0;
+  std::string join_secret;
+  // The transports to use instead of RDMA (primary) and TCP (fallback), e.g. the loopback
+  // transport of the tests; null: the built-in ones.
+  std::shared_ptr<transport::Connector> primary;
+  std::shared_ptr<transport::Connector> fallback;
 };
 
 // "HOST", "HOST:PORT", "[V6]:PORT" into host and port (port unchanged when absent).
@@ -69,11 +75,19 @@ class Client {
   // refusal (unknown export, read-only, busy), with the target's message.
   proto::Opened open(const std::string& name, bool read_only);
 
+  // Closes a handle on every queue of the session (and releases the export once the commands
+  // using it are done). Throws SystemError with the target's message.
+  void close(std::uint32_t handle);
+
   unsigned queue_count() const;
   unsigned queue_depth(unsigned q) const;
   std::uint32_t max_io() const;
   std::string transport(unsigned q) const;
   std::uint64_t session_id() const;
+  // What another Client needs, beside the id, to join this session (ClientOptions::join_secret).
+  const std::string& session_secret() const { return session_secret_; }
+  // Commands resent on a new connection after one was lost, since the Client started.
+  std::uint64_t resent() const { return resent_; }
   // Why RDMA is not carrying the session (empty when it is, or when TCP was asked for).
   const std::string& rdma_not_used() const { return rdma_not_used_; }
 
@@ -101,32 +115,43 @@ class Client {
  private:
   Client() = default;
   struct Queue;
+  // A connection admitted into the session, and what the target said of it.
+  struct Admitted {
+    std::unique_ptr<transport::ClientConnection> conn;
+    bool primary = false;        // carried by the primary transport (RDMA)
+    unsigned depth = 0;
+    std::uint32_t queue_id = 0;  // the target's number for it (Hello.replaces_queue)
+  };
   void submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callback cb);
   void dispatch(Queue& queue);
   void ensure_started();
   // Connects one queue and admits it into the session (a new session while session_id_ is 0):
-  // RDMA first when `rdma`, then TCP when `tcp`. Null with *why_not when neither was allowed to
-  // work; throws SystemError when the target refuses.
-  std::unique_ptr<transport::ClientConnection> open_queue(bool rdma, bool tcp, std::chrono::milliseconds rdma_timeout,
-                                                          unsigned* depth, std::string* why_not);
+  // the primary transport first when `primary`, then the fallback when `fallback`. No
+  // connection, with *why_not, when neither was allowed to work; throws SystemError when the
+  // target refuses. `replaces`: the id of the lost queue this one takes over, or 0.
+  Admitted open_queue(bool primary, bool fallback, std::chrono::milliseconds primary_timeout, std::uint32_t replaces,
+                      std::string* why_not);
   // Hello, Auth, Welcome on a new connection: joins (or starts) the session. Throws SystemError.
-  void admit(transport::ClientConnection& conn, unsigned* depth);
+  void admit(transport::ClientConnection& conn, std::uint32_t replaces, Admitted* out);
   void start_conn(Queue& q, transport::ClientConnection* conn);
   // A lost queue's new connection: joins the session, or, when the target has already ended
   // it (every queue went down at once), starts a new one and opens the exports again.
-  std::unique_ptr<transport::ClientConnection> reconnect_queue(unsigned* depth);
+  Admitted reconnect_queue(std::uint32_t replaces);
   // Sends a command with the handle the target knows now. 0 or -errno.
   int send(transport::ClientConnection& conn, const wire::Command& cmd, std::byte* buf);
   // A queue's connection ended mid-session: move its commands to a new connection (auto).
-  void on_conn_lost(Queue& q, transport::ClientConnection* conn, const std::string& reason);
+  void on_conn_lost(Queue& q, transport::ClientConnection* conn, const transport::CloseReason& reason);
   void retire(std::unique_ptr<transport::ClientConnection> conn);
   // While some queue runs on TCP (auto), tries RDMA again now and then and moves it back.
   void probe_rdma();
 
   boost::asio::io_context io_;
   ClientOptions opts_;
+  std::shared_ptr<transport::Connector> primary_, fallback_;
   std::vector<std::unique_ptr<Queue>> queues_;
   std::uint64_t session_id_ = 0;
+  std::string session_secret_;
+  std::uint64_t resent_ = 0;
   std::uint32_t max_io_ = 0;
   bool started_ = false;
   std::string lost_;  // why a queue was lost, once it was

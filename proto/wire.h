@@ -11,11 +11,14 @@
 
 namespace ibdisk::wire {
 
-inline constexpr std::uint32_t kProtocolVersion = 1;
+// 2: sessions are joined with a proof of their secret (Auth.join_proof), queues carry ids
+// that a rejoining queue names (Hello.replaces_queue).
+inline constexpr std::uint32_t kProtocolVersion = 2;
 inline constexpr std::uint16_t kFrameMagic = 0x4249;  // "IB" read as little-endian u16
 inline constexpr std::uint32_t kMaxIoSize = 1u << 20;  // largest read/write per command
 inline constexpr std::uint32_t kMaxControlSize = 1u << 20;
 inline constexpr std::uint32_t kMaxQueueDepth = 256;
+inline constexpr std::size_t kMaxClientName = 256;  // longer Hello.client_name is cut there
 
 enum class Opcode : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4 };
 inline constexpr std::uint8_t kMaxOpcode = 4;

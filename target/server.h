@@ -12,7 +12,7 @@
 #include "target/acl.h"
 #include "target/exports.h"
 #include "target/storage.h"
-#include "transport/tcp/asio.h"
+#include "transport/connection.h"
 
 namespace ibdisk::target {
 
@@ -30,6 +30,10 @@ struct ServerOptions {
   std::string server_name;
   bool rdma = true;             // also listen on RDMA CM when an RDMA device exists
   int rdma_port = -1;           // RDMA CM port (a port space of its own): -1 the TCP port, 0 any
+  // A connection that has not finished Hello/Auth by then is closed.
+  std::chrono::milliseconds handshake_timeout{30000};
+  // After stop(), queues get this long to finish what they carry; then they are closed.
+  std::chrono::milliseconds stop_timeout{10000};
 };
 
 class Server {
@@ -41,11 +45,17 @@ class Server {
   Server(const Server&) = delete;
   Server& operator=(const Server&) = delete;
 
-  // Serves until stop(); then lets in-flight I/O finish and returns. Any thread.
+  // Serves until stop(); then lets in-flight I/O finish and returns. Any thread. An
+  // exception that escapes a worker's loop (a bug) stops the target and is rethrown here.
   void run();
-  // Stops accepting, completes in-flight I/O, closes every queue. Any thread, signal-safe
-  // when called through an asio::signal_set.
+  // Stops accepting, completes in-flight I/O, closes every queue; queues still busy after
+  // stop_timeout (a peer that does not read) are closed then. Any thread.
   void stop();
+  // Accepts connections from another transport too (the loopback transport of the tests).
+  // Call before run(). next/on_accept are the target's; give them to the listener's factory.
+  using ListenerFactory = std::function<std::unique_ptr<transport::Listener>(transport::Listener::NextWorker,
+                                                                             transport::Listener::OnAccept)>;
+  void add_listener(const ListenerFactory& make);
 
   std::uint16_t port() const;
   // The RDMA CM port, or 0 when the target does not listen on RDMA (rdma_status() says why).

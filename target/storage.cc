@@ -3,7 +3,9 @@
 // A request moves through at most three steps (IoRequest::stage_): the main operation, a
 // zero-filling write loop when the file system cannot zero a range itself, and a datasync
 // for FUA on trim / write-zeroes. on_result() advances it; a short read or write stays in
-// its step and is requeued for the remainder. Nothing on this path allocates or throws.
+// its step and is requeued for the remainder, on the path chosen at submit. A block device's
+// trim runs on a helper thread (BLKDISCARD has no io_uring opcode before Linux 6.12). Nothing
+// on this path allocates or throws, apart from the fault hook's timers (tests only).
 #include "target/storage.h"
 
 #include <fcntl.h>
@@ -18,9 +20,13 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstdlib>
+#include <deque>
 #include <fstream>
+#include <mutex>
 #include <optional>
+#include <thread>
 
 #include "common/error.h"
 #include "common/log.h"
@@ -96,6 +102,23 @@ bool block_device_discards(dev_t rdev) {
 
 }  // namespace
 
+bool goes_direct(const BackingFile& f, std::uint64_t offset, std::uint64_t length, const void* buf) {
+  return f.direct_fd >= 0 && aligned(offset, f.logical_block_size) && aligned(length, f.logical_block_size) &&
+         aligned(reinterpret_cast<std::uintptr_t>(buf), f.logical_block_size);
+}
+
+RangeLock::Mode order_mode(const BackingFile& f, const IoRequest& r) {
+  switch (r.op) {
+    case IoOp::kRead:
+    case IoOp::kWrite:
+      return goes_direct(f, r.offset, r.length, r.data) ? RangeLock::Mode::kDirect : RangeLock::Mode::kBuffered;
+    default:
+      // Trim and write-zeroes touch the page cache and the device both (fallocate, BLKDISCARD,
+      // zero-filling writes): nothing else runs on their pages meanwhile.
+      return RangeLock::Mode::kExclusive;
+  }
+}
+
 BackingFile::~BackingFile() {
   if (direct_fd >= 0 && ::close(direct_fd) != 0) storage_log()->warn("close({}, O_DIRECT): {}", path, errno_text(errno));
   if (fd >= 0 && ::close(fd) != 0) storage_log()->warn("close({}): {}", path, errno_text(errno));
@@ -161,6 +184,80 @@ std::shared_ptr<BackingFile> open_backing(const std::string& path, bool read_onl
   return f;
 }
 
+namespace {
+
+// BLKDISCARD off the io thread: one helper thread per engine, started on first use. Each trim
+// goes in pieces of kDiscardChunk, so a stopping target waits for at most one piece per trim.
+class Discarder {
+ public:
+  struct Job {
+    IoRequest* req = nullptr;
+    int fd = -1;
+    std::uint64_t first = 0, end = 0;
+    int result = 0;
+  };
+  // notify runs on the helper thread after each finished job: it must only post.
+  explicit Discarder(std::function<void()> notify) : notify_(std::move(notify)) {}
+  ~Discarder() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (thread_.joinable()) thread_.join();
+  }
+  void push(const Job& j) {
+    {
+      std::lock_guard lock(mu_);
+      queue_.push_back(j);
+      ++busy_;
+      if (!thread_.joinable()) thread_ = std::thread([this] { run(); });
+    }
+    cv_.notify_all();
+  }
+  std::vector<Job> take_done() {
+    std::lock_guard lock(mu_);
+    return std::exchange(done_, {});
+  }
+  // Blocks until every pushed job is done (shutdown).
+  void wait_idle() {
+    std::unique_lock lock(mu_);
+    idle_cv_.wait(lock, [this] { return busy_ == 0; });
+  }
+
+ private:
+  void run() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return stop_ || !queue_.empty(); });
+      if (queue_.empty()) return;
+      Job j = queue_.front();
+      queue_.pop_front();
+      lock.unlock();
+      for (std::uint64_t at = j.first; at < j.end && j.result == 0; at += kDiscardChunk) {
+        std::uint64_t range[2] = {at, std::min(j.end - at, kDiscardChunk)};
+        if (::ioctl(j.fd, BLKDISCARD, range) != 0) j.result = -errno;
+      }
+      lock.lock();
+      done_.push_back(j);
+      --busy_;
+      idle_cv_.notify_all();
+      notify_();
+    }
+  }
+
+  std::function<void()> notify_;
+  std::mutex mu_;
+  std::condition_variable cv_, idle_cv_;
+  std::deque<Job> queue_;
+  std::vector<Job> done_;
+  unsigned busy_ = 0;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+}  // namespace
+
 struct StorageEngine::Impl {
   Impl(boost::asio::io_context& io, Options opts);
   ~Impl();
@@ -185,6 +282,7 @@ struct StorageEngine::Impl {
   void turn();
   void arm_eventfd();
   void drain_for_shutdown();
+  void collect_discards();
 
   boost::asio::io_context& io_;
   io_uring ring_{};
@@ -206,6 +304,15 @@ struct StorageEngine::Impl {
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
   std::byte* zeroes_ = nullptr;
   Stats stats_;
+  FaultHook fault_;
+  struct Delayed {
+    IoRequest* req;
+    int res;
+    std::shared_ptr<boost::asio::steady_timer> timer;
+  };
+  std::vector<Delayed> delayed_;  // completions a fault hook holds back
+  unsigned discarding_ = 0;        // trims at the helper thread
+  std::optional<Discarder> discarder_;
 };
 
 StorageEngine::Impl::Impl(boost::asio::io_context& io, Options opts) : io_(io) {
@@ -274,6 +381,7 @@ void StorageEngine::Impl::close() {
 }
 
 StorageEngine::Impl::~Impl() {
+  discarder_.reset();  // joins the helper thread: nothing posts to io_ after this
   *alive_ = false;
   boost::system::error_code ec;
   if (eventfd_) eventfd_->close(ec);
@@ -324,10 +432,18 @@ void StorageEngine::Impl::submit(BackingFile& f, IoRequest* r) {
   r->next_ = nullptr;
   r->done_bytes = 0;
   r->stage_ = kStageMain;
+  r->delay_ = std::chrono::milliseconds(0);
+  r->direct_ = (r->op == IoOp::kRead || r->op == IoOp::kWrite) && goes_direct(f, r->offset, r->length, r->data);
   ++in_flight_;
   ++stats_.submitted;
   if (closing_) return finish_later(r, -ECANCELED);
   if (const int err = check(f, *r, fixed_count_); err != 0) return finish_later(r, err);
+  if (fault_) {
+    const Fault fault = fault_(*r);
+    if (fault.fail != 0 || fault.delay.count() > 0) ++stats_.injected;
+    if (fault.fail != 0) return finish_later(r, fault.fail < 0 ? fault.fail : -fault.fail);
+    r->delay_ = fault.delay;
+  }
   if (r->length == 0 && r->op != IoOp::kFlush) return finish_later(r, 0);
   start(r);
 }
@@ -336,14 +452,23 @@ void StorageEngine::Impl::submit(BackingFile& f, IoRequest* r) {
 void StorageEngine::Impl::start(IoRequest* r) {
   BackingFile& f = *r->file_;
   if (r->op == IoOp::kTrim && f.block_device) {
-    // BLKDISCARD has no io_uring opcode before Linux 6.12's uring_cmd; it is synchronous.
-    // Discard is advisory, so round inwards to whole logical blocks.
+    // BLKDISCARD has no io_uring opcode before Linux 6.12's uring_cmd, and it is synchronous:
+    // the helper thread does it. Discard is advisory, so round inwards to whole logical blocks.
     const std::uint64_t lbs = f.logical_block_size;
     const std::uint64_t first = (r->offset + lbs - 1) / lbs * lbs;
     const std::uint64_t end = (r->offset + r->length) / lbs * lbs;
     if (end > first) {
-      std::uint64_t range[2] = {first, end - first};
-      if (::ioctl(f.fd, BLKDISCARD, range) != 0) return finish_later(r, -errno);
+      if (!discarder_) {
+        discarder_.emplace([this, alive = alive_] {
+          boost::asio::post(io_, [this, alive] {
+            if (*alive) collect_discards();
+          });
+        });
+      }
+      ++discarding_;
+      ++stats_.discards;
+      discarder_->push({r, f.fd, first, end, 0});
+      return;
     }
     if (r->flags & kIoFua) {
       r->stage_ = kStageFuaSync;
@@ -385,9 +510,9 @@ void StorageEngine::Impl::prep_rw(io_uring_sqe* sqe, IoRequest* r, bool write, s
                                   std::uint32_t len, bool fixed) {
   BackingFile& f = *r->file_;
   const std::uint64_t off = r->offset + r->done_bytes;
-  const bool direct = f.direct_fd >= 0 && aligned(off, f.logical_block_size) &&
-                      aligned(len, f.logical_block_size) &&
-                      aligned(reinterpret_cast<std::uintptr_t>(buf), f.logical_block_size);
+  // The request's own data keeps the path chosen at submit; zero-fill chunks (exclusive in
+  // the range lock) take whichever fits.
+  const bool direct = r->stage_ == kStageZeroFill ? goes_direct(f, off, len, buf) : r->direct_;
   const int fd = direct ? f.direct_fd : f.fd;
   ++(direct ? stats_.direct : stats_.buffered);
   if (fixed) {
@@ -465,6 +590,15 @@ void StorageEngine::Impl::on_result(IoRequest* r, int res) {
         r->done_bytes += static_cast<std::uint32_t>(res);
         if (r->done_bytes < r->length) {
           ++stats_.short_requeues;
+          if (r->direct_ &&
+              !goes_direct(*r->file_, r->offset + r->done_bytes, r->length - r->done_bytes, r->data + r->done_bytes)) {
+            // Going on through the page cache would break the range lock's promise (one path per
+            // request); O_DIRECT transfers stop short only at block boundaries, so this is a device fault.
+            storage_log()->error("{}: direct {} at {} stopped at {} of {} bytes, not at a block boundary",
+                                 r->file_->path, r->op == IoOp::kRead ? "read" : "write", r->offset, r->done_bytes,
+                                 r->length);
+            return finish(r, -EIO);
+          }
           return enqueue(r);
         }
         return finish(r, static_cast<int>(r->length));
@@ -493,6 +627,19 @@ void StorageEngine::Impl::on_result(IoRequest* r, int res) {
 }
 
 void StorageEngine::Impl::finish(IoRequest* r, int res) {
+  if (r->delay_.count() > 0 && !closing_) {
+    auto timer = std::make_shared<boost::asio::steady_timer>(io_, std::exchange(r->delay_, {}));
+    delayed_.push_back({r, res, timer});
+    timer->async_wait([this, alive = alive_, r](const boost::system::error_code&) {
+      if (!*alive) return;
+      const auto it = std::find_if(delayed_.begin(), delayed_.end(), [r](const Delayed& d) { return d.req == r; });
+      if (it == delayed_.end()) return;  // completed by shutdown
+      const int held = it->res;
+      delayed_.erase(it);
+      finish(r, held);
+    });
+    return;
+  }
   --in_flight_;
   ++stats_.completed;
   r->done(r, res);  // may submit more, or free r
@@ -591,8 +738,29 @@ void StorageEngine::Impl::arm_eventfd() {
                        });
 }
 
+void StorageEngine::Impl::collect_discards() {
+  for (const Discarder::Job& j : discarder_->take_done()) {
+    --discarding_;
+    IoRequest* r = j.req;
+    if (j.result == 0 && (r->flags & kIoFua)) {
+      r->stage_ = kStageFuaSync;
+      enqueue(r);
+      continue;
+    }
+    finish(r, j.result);
+  }
+}
+
 void StorageEngine::Impl::drain_for_shutdown() {
   while (in_flight_ > 0) {
+    for (auto& d : std::exchange(delayed_, {})) {
+      d.timer->cancel();
+      finish(d.req, d.res);
+    }
+    if (discarding_ > 0) {
+      discarder_->wait_idle();
+      collect_discards();
+    }
     drain_ready();
     fill_from_pending();
     submit_now();
@@ -614,6 +782,7 @@ void StorageEngine::Impl::drain_for_shutdown() {
 }
 
 StorageEngine::StorageEngine(boost::asio::io_context& io, Options opts) : impl_(std::make_unique<Impl>(io, opts)) {}
+void StorageEngine::set_fault_hook(FaultHook hook) { impl_->fault_ = std::move(hook); }
 StorageEngine::~StorageEngine() { impl_->close(); }
 void StorageEngine::register_buffers(std::span<const iovec> buffers) { impl_->register_buffers(buffers); }
 void StorageEngine::submit(BackingFile& file, IoRequest* req) { impl_->submit(file, req); }

@@ -11,20 +11,26 @@
 // - A read past the end of the file returns -EINVAL; the engine checks offset+length
 //   against the size without overflow (callers check too, for a clear protocol error).
 // - Writes with kIoFua are durable when `done` runs (RWF_DSYNC); kFlush is fdatasync.
-// - kTrim punches a hole (files) or BLKDISCARD (block devices); kWriteZeroes uses
-//   FALLOC_FL_ZERO_RANGE / BLKZEROOUT, falling back to writing zeroes.
+// - kTrim punches a hole (files, through io_uring) or BLKDISCARD (block devices, on a helper
+//   thread in pieces of at most kDiscardChunk: the ioctl is synchronous and may take seconds);
+//   kWriteZeroes uses FALLOC_FL_ZERO_RANGE / BLKZEROOUT, falling back to writing zeroes.
 // - Data goes through O_DIRECT when offset, length and buffer are aligned to the logical
-//   block size, through the page cache otherwise.
+//   block size (goes_direct()), through the page cache otherwise; the path is chosen once per
+//   request, so a short transfer's remainder never switches it. Callers that mix both paths
+//   on one file order them (target/range_lock.h).
 // - Buffers registered with register_buffers() are used with READ_FIXED / WRITE_FIXED when
 //   a request names one (fixed_index >= 0).
 #include <sys/uio.h>
 
+#include <chrono>
 #include <cstddef>
+#include <functional>
 #include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
 
+#include "target/range_lock.h"
 #include "transport/tcp/asio.h"
 
 namespace ibdisk::target {
@@ -49,6 +55,8 @@ struct IoRequest {
   IoRequest* next_ = nullptr;  // the engine's pending / ready lists
   int result_ = 0;             // for requests completed without I/O
   std::uint8_t stage_ = 0;     // which step of a multi-step request is running
+  bool direct_ = false;        // the path chosen at submit, for every step
+  std::chrono::milliseconds delay_{0};  // a fault hook's delay of the completion
 };
 
 // An open export's storage: a regular file or a block device.
@@ -61,8 +69,19 @@ struct BackingFile {
   bool read_only = false;
   bool block_device = false;
   bool trim_supported = false;
+  // Orders requests of both paths on the same pages; used only when direct_fd >= 0.
+  RangeLock order;
+  bool mixed_paths() const { return direct_fd >= 0; }
   ~BackingFile();
 };
+
+// Whether a read or write of [offset, offset + length) from buf goes through O_DIRECT.
+bool goes_direct(const BackingFile& f, std::uint64_t offset, std::uint64_t length, const void* buf);
+// The range-lock mode of a request on f.
+RangeLock::Mode order_mode(const BackingFile& f, const IoRequest& r);
+
+// Largest BLKDISCARD issued at once; a trim is done in pieces of this.
+inline constexpr std::uint64_t kDiscardChunk = 256ull << 20;
 
 // Opens PATH (regular file or block device). Throws SystemError naming the path, the reason
 // and a fix (missing file, permission, a directory, size 0).
@@ -82,6 +101,15 @@ class StorageEngine {
 
   // Registers buffers as io_uring fixed buffers. Call once, before any I/O.
   void register_buffers(std::span<const iovec> buffers);
+  // An error hook, as liburing's tests inject results: called as each request reaches the
+  // engine; `fail` nonzero completes it with that -errno without doing it, `delay` holds its
+  // completion back that long after the I/O. For tests; io thread.
+  struct Fault {
+    int fail = 0;
+    std::chrono::milliseconds delay{0};
+  };
+  using FaultHook = std::function<Fault(const IoRequest& req)>;
+  void set_fault_hook(FaultHook hook);
   // Queues req against file. Invalid requests (out of range, write to read-only) complete
   // through req->done with -EINVAL / -EROFS / -EBADF without touching the file.
   void submit(BackingFile& file, IoRequest* req);
@@ -100,6 +128,8 @@ class StorageEngine {
     std::uint64_t short_requeues = 0;  // short reads/writes resubmitted for the remainder
     std::uint64_t zero_fills = 0;      // write-zeroes done by writing zeroes (no fallocate)
     std::uint64_t pending_peak = 0;    // most requests waiting for ring space at once
+    std::uint64_t discards = 0;        // BLKDISCARD calls on the helper thread
+    std::uint64_t injected = 0;        // requests the fault hook failed or delayed
   };
   const Stats& stats() const;
 

@@ -22,17 +22,4 @@ BufferPool::BufferPool(std::uint32_t slot_size, unsigned slot_count)
 
 BufferPool::~BufferPool() { ::munmap(base_, bytes_ ? bytes_ : 4096); }
 
-std::vector<Slot> BufferPool::reserve(unsigned n) {
-  std::vector<Slot> out;
-  while (out.size() < n && !free_.empty()) {
-    out.push_back(Slot{free_.back(), slot_size_, fixed_index_});
-    free_.pop_back();
-  }
-  return out;
-}
-
-void BufferPool::release(const std::vector<Slot>& slots) {
-  for (const auto& s : slots) free_.push_back(s.data);
-}
-
 }  // namespace ibdisk::transport

@@ -1,8 +1,8 @@
 #pragma once
 // One page-aligned region per target worker, cut into max-I/O-sized slots. It is registered
 // once with the worker's io_uring (fixed buffer 0) and, for RDMA, with each device's PD, so
-// data moves between disk and wire without a copy. Connections reserve their queue depth of
-// slots when the queue is granted and return them when they go away.
+// data moves between disk and wire without a copy. Requests take a slot when they need one and
+// give it back when their reply is out (target/slot_pool.h shares them fairly among queues).
 // Threads: owned and used by one worker thread.
 #include <sys/uio.h>
 
@@ -22,10 +22,16 @@ class BufferPool {
   BufferPool(const BufferPool&) = delete;
   BufferPool& operator=(const BufferPool&) = delete;
 
-  // Reserves up to n slots; returns as many as are free.
-  std::vector<Slot> reserve(unsigned n);
-  void release(const std::vector<Slot>& slots);
+  // One free slot into *out; false when none is free.
+  bool take(Slot* out) {
+    if (free_.empty()) return false;
+    *out = Slot{free_.back(), slot_size_, fixed_index_};
+    free_.pop_back();
+    return true;
+  }
+  void give(const Slot& s) { free_.push_back(s.data); }
   unsigned free_count() const { return static_cast<unsigned>(free_.size()); }
+  unsigned slot_count() const { return static_cast<unsigned>(bytes_ / slot_size_); }
   std::uint32_t slot_size() const { return slot_size_; }
   iovec region() const { return {base_, bytes_}; }
   void set_fixed_index(int index) { fixed_index_ = index; }

@@ -13,6 +13,7 @@
 #include "common/log.h"
 #include "target/nbd/handshake.h"
 #include "target/nbd/protocol.h"
+#include "target/request.h"
 
 namespace ibdisk::nbd {
 namespace {
@@ -95,21 +96,21 @@ struct FreeDeleter {
   void operator()(std::byte* p) const { std::free(p); }
 };
 
-// One request from header to reply. Slots are made once per connection (max_in_flight of them).
-struct Slot {
-  Request req;
-  target::IoRequest io;
+// One NBD request on the target's request path: its target::Request, the NBD header, its
+// buffer and its reply. Made once per connection (max_in_flight of them).
+struct Op {
+  target::Request req;
+  Request nbd;
   std::unique_ptr<std::byte[], FreeDeleter> buf;
   std::size_t capacity = 0;
   std::size_t accounted = 0;  // bytes counted in the connection's buffered total
-  std::uint32_t error = 0;
+  std::uint32_t error = 0;    // an NBD error found before the request path (check_request)
   const char* message = nullptr;
   // The reply: a header kept here, then an optional tail (read data or error message).
   std::array<std::byte, 32> head{};
   std::size_t head_len = 0;
   const void* tail = nullptr;
   std::size_t tail_len = 0;
-  std::shared_ptr<Connection> keepalive;  // set while the storage engine holds `io`
 
   bool ensure(std::size_t n) {
     if (capacity >= n) return true;
@@ -154,7 +155,11 @@ struct detail::NbdServerState : std::enable_shared_from_this<detail::NbdServerSt
 
 namespace {
 
-class Connection : public std::enable_shared_from_this<Connection> {
+// One NBD client. The handshake is its own small state machine (handshake.h); in transmission
+// every request goes through the target's request path (target/request.h) with this
+// connection as its RequestPort: it reads a write's payload when the request asks for it and
+// sends each reply as the request gets to DATA_OUT.
+class Connection : public std::enable_shared_from_this<Connection>, public target::RequestPort {
  public:
   Connection(std::shared_ptr<detail::NbdServerState> server, tcp::socket socket, std::string peer)
       : server_(std::move(server)),
@@ -188,7 +193,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
     });
   }
 
-  // Ends the connection now (requests at the storage engine still complete, unanswered).
+  // Ends the connection now: requests not yet at the storage engine end; those at it complete,
+  // unanswered, and the export is released once the last one has.
   void close(spdlog::level::level_enum level, const std::string& why) {
     if (closed_) return;
     closed_ = true;
@@ -197,15 +203,120 @@ class Connection : public std::enable_shared_from_this<Connection> {
     timer_.cancel();
     socket_.shutdown(tcp::socket::shutdown_both, ec);
     socket_.close(ec);
+    // Replies queued but not yet in a write will never go out.
+    for (Op* op : std::exchange(replies_, {})) op->req.reply_sent(-ECONNRESET);
+    for (auto& op : ops_) {
+      if (op.req.busy()) op.req.cancel();
+    }
     release_export_if_idle();
+    if (busy_ == 0) let_go();
   }
+
+  // --- target::RequestPort -----------------------------------------------------------------
+  Resolved resolve(target::Request& req) override {
+    Resolved r;
+    Op& op = of(req);
+    if (op.error != 0) {
+      r.verdict = Verdict::kError;
+      req.status = -EINVAL;  // the reply carries op.error
+      return r;
+    }
+    r.file = file_;
+    r.writable = catalog_.lease()->writable();
+    return r;
+  }
+
+  bool acquire_slot(target::Request& req) override {
+    Op& op = of(req);
+    const std::size_t need = req.cmd.length;
+    // A connection holds at most max_buffered bytes of payload; one request always fits.
+    if ((buffered_ > 0 && buffered_ + need > server_->opts.max_buffered) || !waiting_.empty()) {
+      waiting_.push_back(&req);
+      return false;
+    }
+    return give(op, need);
+  }
+
+  void release_slot(target::Request& req) override {
+    Op& op = of(req);
+    if (req.slot.data == nullptr) {
+      const auto it = std::find(waiting_.begin(), waiting_.end(), &req);
+      if (it != waiting_.end()) waiting_.erase(it);
+      return;
+    }
+    buffered_ -= op.accounted;
+    op.accounted = 0;
+    req.slot = {};
+    if (op.capacity > kKeepBuffer) {
+      op.buf.reset();
+      op.capacity = 0;
+    }
+    while (!waiting_.empty()) {
+      target::Request* next = waiting_.front();
+      const std::size_t need = next->cmd.length;
+      if (buffered_ > 0 && buffered_ + need > server_->opts.max_buffered) break;
+      waiting_.pop_front();
+      if (!give(of(*next), need)) {
+        of(*next).error = kEnomem;  // answered as an error once it runs
+        of(*next).message = "the server could not allocate the request's buffer";
+      }
+      asio::post(server_->io, [next, gen = next->generation()] { next->slot_ready(gen); });
+    }
+  }
+
+  void receive_data(target::Request& req) override {
+    Op& op = of(req);
+    const std::uint32_t len = request_payload(op.nbd);
+    if (closed_) return req.data_received(-ECONNRESET);
+    if (req.slot.data == nullptr) return discard_payload(req, len);
+    asio::async_read(socket_, asio::buffer(req.slot.data, len),
+                     [self = shared_from_this(), &req](const error_code& ec, std::size_t) {
+                       if (self->failed(ec, "reading a write payload")) return req.data_received(-ECONNRESET);
+                       self->payload_done();
+                       req.data_received(0);
+                     });
+  }
+
+  void send_reply(target::Request& req) override {
+    Op& op = of(req);
+    if (closed_) return req.reply_sent(-ECONNRESET);
+    if (req.status < 0 && op.error == 0) {
+      // check_request caught everything NBD says is the client's fault: this is the storage's.
+      op.error = wire_error_from_errno(req.status);
+      op.message = strerrordesc_np(-req.status);
+      log_->warn("{}: {} at offset {} length {} on '{}' failed: {}", peer_, command_name(op.nbd.type), op.nbd.offset,
+                 op.nbd.length, file_->path, op.message);
+    }
+    build_reply(op);
+    replies_.push_back(&op);
+    send_replies();
+  }
+
+  void request_done(target::Request& req) override {
+    Op& op = of(req);
+    op.error = 0;
+    op.message = nullptr;
+    free_.push_back(&op);
+    if (--busy_ == 0) {
+      end_if_disconnected();
+      release_export_if_idle();
+      if (closed_) let_go();  // nothing of ours is at the engine any more
+    }
+    if (paused_ && !closed_) {
+      paused_ = false;
+      read_request();
+    }
+  }
+
+  target::StorageEngine& engine() override { return server_->engine; }
+  asio::io_context& io() override { return server_->io; }
 
  private:
   // --- handshake ---------------------------------------------------------------------------
   // Once closed and with nothing at the storage engine, the export is free for the next
   // client, even while handlers of this connection still wait in the io_context.
   void release_export_if_idle() {
-    if (closed_ && in_engine_ == 0) catalog_.release();
+    if (closed_ && busy_ == 0) catalog_.release();
   }
 
   // true when the connection is closed: the operation failed (and closed it), or close() ran
@@ -287,6 +398,22 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
 
   // --- transmission ------------------------------------------------------------------------
+  static Op& of(target::Request& req) { return *static_cast<Op*>(req.port_data); }
+
+  // Drops the requests' hold on this connection, after the current handler: whoever called
+  // may still be inside one of its requests.
+  void let_go() {
+    if (self_) asio::post(server_->io, [hold = std::move(self_)] {});
+  }
+
+  bool give(Op& op, std::size_t need) {
+    if (!op.ensure(need)) return false;
+    op.accounted = need;
+    buffered_ += need;
+    op.req.slot = transport::Slot{op.buf.get(), static_cast<std::uint32_t>(op.capacity), -1};
+    return true;
+  }
+
   void begin_transmission() {
     transmitting_ = true;
     timer_.cancel();
@@ -296,9 +423,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
     limits_.transmission_flags = t.flags;
     limits_.max_payload = kMaxPayload;
     structured_ = t.structured;
-    slots_ = std::vector<Slot>(std::max(1u, server_->opts.max_in_flight));
-    free_.reserve(slots_.size());
-    for (auto& s : slots_) free_.push_back(&s);
+    ops_ = std::vector<Op>(std::max(1u, server_->opts.max_in_flight));
+    free_.reserve(ops_.size());
+    for (auto& op : ops_) {
+      op.req.port_data = &op;
+      free_.push_back(&op);
+    }
     gather_.reserve(2 * kMaxRepliesPerWrite);
     batch_.reserve(kMaxRepliesPerWrite);
     log_->info("{}: export '{}' opened ({}, {} bytes, {} replies)", peer_, t.facts.name,
@@ -308,13 +438,23 @@ class Connection : public std::enable_shared_from_this<Connection> {
   }
 
   void read_request() {
-    if (closed_ || disconnecting_) return;
-    if (free_.empty() || buffered_ >= server_->opts.max_buffered) {
-      paused_ = true;  // resumed when replies have gone out
+    if (closed_ || disconnecting_ || awaiting_payload_) return;
+    if (free_.empty()) {
+      paused_ = true;  // resumed when a request is done
       return;
     }
     asio::async_read(socket_, asio::buffer(in_.data(), sizeof(RequestWire)),
                      [self = shared_from_this()](const error_code& ec, std::size_t n) { self->on_request(ec, n); });
+  }
+
+  static wire::Opcode opcode_of(std::uint16_t type) {
+    switch (type) {
+      case kCmdRead: return wire::Opcode::kRead;
+      case kCmdWrite: return wire::Opcode::kWrite;
+      case kCmdFlush: return wire::Opcode::kFlush;
+      case kCmdTrim: return wire::Opcode::kTrim;
+      default: return wire::Opcode::kWriteZeroes;
+    }
   }
 
   void on_request(const error_code& ec, std::size_t n) {
@@ -332,141 +472,78 @@ class Connection : public std::enable_shared_from_this<Connection> {
       close(spdlog::level::warn, "request with a wrong magic number (not NBD, or the stream is out of step)");
       return;
     }
-    Slot* s = free_.back();
-    free_.pop_back();
-    s->req = r;
-    s->error = 0;
-    s->message = nullptr;
-    const Verdict v = check_request(r, limits_);
-    const std::uint32_t payload = request_payload(r);
+    const nbd::Verdict v = check_request(r, limits_);
     if (v.error == 0 && r.type == kCmdDisc) {
-      release(s);
       disconnecting_ = true;
       end_if_disconnected();
       return;
     }
+    Op* op = free_.back();
+    free_.pop_back();
+    op->nbd = r;
+    op->error = v.error;
+    op->message = v.message;
     if (v.error != 0) {
-      s->error = v.error;
-      s->message = v.message;
       log_->debug("{}: {} ({}) offset {} length {} refused: {}", peer_, command_name(r.type), r.type, r.offset,
                   r.length, v.message);
-      if (payload > 0) return discard_payload(s, payload);
-      finish(s);
-      return read_request();
     }
-    if (r.type == kCmdRead || r.type == kCmdWrite) {
-      if (!s->ensure(r.length)) {
-        s->error = kEnomem;
-        s->message = "the server could not allocate the request's buffer";
-        if (payload > 0) return discard_payload(s, payload);
-        finish(s);
-        return read_request();
-      }
-      s->accounted = r.length;
-      buffered_ += r.length;
-    }
-    if (payload == 0) {
-      submit(s);
-      return read_request();
-    }
-    asio::async_read(socket_, asio::buffer(s->buf.get(), payload),
-                     [self = shared_from_this(), s](const error_code& ec2, std::size_t) {
-                       if (self->failed(ec2, "reading a write payload")) return self->release(s);
-                       self->submit(s);
-                       self->read_request();
-                     });
+    wire::Command cmd;
+    cmd.opcode = opcode_of(r.type);
+    cmd.flags = (r.flags & kCmdFlagFua) ? wire::kFlagFua : 0;
+    cmd.offset = r.offset;
+    cmd.length = r.length;
+    cmd.tag = r.cookie;
+    // A write's payload is next on the wire: read no further header until the request took it.
+    awaiting_payload_ = request_payload(r) > 0;
+    if (busy_++ == 0) self_ = shared_from_this();  // requests hold the connection
+    op->req.start(*this, cmd);
+    read_request();
+  }
+
+  void payload_done() {
+    awaiting_payload_ = false;
+    read_request();
   }
 
   // A refused WRITE's payload still follows on the wire: read it past, then answer.
-  void discard_payload(Slot* s, std::uint32_t remaining) {
-    const std::size_t chunk = std::min<std::size_t>(remaining, kDiscardChunk);
-    if (!s->ensure(chunk)) {
-      release(s);
-      close(spdlog::level::err, "out of memory while skipping a refused write's payload");
-      return;
+  void discard_payload(target::Request& req, std::uint32_t remaining) {
+    if (remaining == 0) {
+      payload_done();
+      return req.data_received(0);
     }
-    asio::async_read(socket_, asio::buffer(s->buf.get(), chunk),
-                     [self = shared_from_this(), s, remaining, chunk](const error_code& ec, std::size_t) {
-                       if (self->failed(ec, "reading a refused write's payload")) return self->release(s);
-                       const auto left = static_cast<std::uint32_t>(remaining - chunk);
-                       if (left > 0) return self->discard_payload(s, left);
-                       self->finish(s);
-                       self->read_request();
+    const std::size_t chunk = std::min<std::size_t>(remaining, kDiscardChunk);
+    discard_.resize(std::max(discard_.size(), chunk));
+    asio::async_read(socket_, asio::buffer(discard_.data(), chunk),
+                     [self = shared_from_this(), &req, remaining, chunk](const error_code& ec, std::size_t) {
+                       if (self->failed(ec, "reading a refused write's payload")) return req.data_received(-ECONNRESET);
+                       self->discard_payload(req, static_cast<std::uint32_t>(remaining - chunk));
                      });
   }
 
-  static target::IoOp io_op(std::uint16_t type) {
-    switch (type) {
-      case kCmdRead: return target::IoOp::kRead;
-      case kCmdWrite: return target::IoOp::kWrite;
-      case kCmdFlush: return target::IoOp::kFlush;
-      case kCmdTrim: return target::IoOp::kTrim;
-      default: return target::IoOp::kWriteZeroes;
-    }
-  }
-
-  void submit(Slot* s) {
-    const Request& r = s->req;
-    s->io = target::IoRequest{};
-    s->io.op = io_op(r.type);
-    s->io.flags = (r.flags & kCmdFlagFua) ? target::kIoFua : 0;
-    s->io.offset = r.offset;
-    s->io.length = r.length;
-    s->io.data = (r.type == kCmdRead || r.type == kCmdWrite) ? s->buf.get() : nullptr;
-    s->io.done = &Connection::on_io_done;
-    s->io.context = s;
-    s->keepalive = shared_from_this();
-    ++in_engine_;
-    server_->engine.submit(*file_, &s->io);
-  }
-
-  // Runs on the io thread when the engine completes a request (possibly inside submit()).
-  static void on_io_done(target::IoRequest* io, int result) {
-    auto* s = static_cast<Slot*>(io->context);
-    const std::shared_ptr<Connection> self = std::move(s->keepalive);
-    --self->in_engine_;
-    if (result < 0) {
-      s->error = wire_error_from_errno(result);
-      s->message = strerrordesc_np(-result);
-      self->log_->warn("{}: {} at offset {} length {} on '{}' failed: {}", self->peer_, command_name(s->req.type),
-                       io->offset, io->length, self->file_->path, s->message);
-    } else if (s->req.type == kCmdRead && static_cast<std::uint32_t>(result) != s->req.length) {
-      s->error = kEio;
-      s->message = "the storage returned fewer bytes than requested";
-    }
-    self->finish(s);
-    self->end_if_disconnected();
-    self->release_export_if_idle();
-  }
-
-  // Queues the slot's reply.
-  void finish(Slot* s) {
-    if (closed_) return release(s);
-    const Request& r = s->req;
-    s->tail = nullptr;
-    s->tail_len = 0;
+  void build_reply(Op& op) {
+    const Request& r = op.nbd;
+    op.tail = nullptr;
+    op.tail_len = 0;
     if (structured_) {
-      if (s->error != 0) {
-        const std::size_t len = s->message ? std::min(std::strlen(s->message), kMaxStringLength) : 0;
-        s->set_head(make_error_chunk(r.cookie, s->error, static_cast<std::uint16_t>(len)));
-        s->tail = s->message;
-        s->tail_len = len;
+      if (op.error != 0) {
+        const std::size_t len = op.message ? std::min(std::strlen(op.message), kMaxStringLength) : 0;
+        op.set_head(make_error_chunk(r.cookie, op.error, static_cast<std::uint16_t>(len)));
+        op.tail = op.message;
+        op.tail_len = len;
       } else if (r.type == kCmdRead) {
-        s->set_head(make_read_chunk(r.cookie, r.offset, r.length));
-        s->tail = s->buf.get();
-        s->tail_len = r.length;
+        op.set_head(make_read_chunk(r.cookie, r.offset, r.length));
+        op.tail = op.req.slot.data;
+        op.tail_len = r.length;
       } else {
-        s->set_head(make_chunk(kReplyFlagDone, kReplyNone, r.cookie, 0));
+        op.set_head(make_chunk(kReplyFlagDone, kReplyNone, r.cookie, 0));
       }
     } else {
-      s->set_head(make_simple_reply(r.cookie, s->error));
-      if (s->error == 0 && r.type == kCmdRead) {
-        s->tail = s->buf.get();
-        s->tail_len = r.length;
+      op.set_head(make_simple_reply(r.cookie, op.error));
+      if (op.error == 0 && r.type == kCmdRead) {
+        op.tail = op.req.slot.data;
+        op.tail_len = r.length;
       }
     }
-    replies_.push_back(s);
-    send_replies();
   }
 
   void send_replies() {
@@ -475,39 +552,27 @@ class Connection : public std::enable_shared_from_this<Connection> {
     gather_.clear();
     batch_.clear();
     while (!replies_.empty() && batch_.size() < kMaxRepliesPerWrite) {
-      Slot* s = replies_.front();
+      Op* op = replies_.front();
       replies_.pop_front();
-      batch_.push_back(s);
-      gather_.emplace_back(s->head.data(), s->head_len);
-      if (s->tail_len > 0) gather_.emplace_back(s->tail, s->tail_len);
+      batch_.push_back(op);
+      gather_.emplace_back(op->head.data(), op->head_len);
+      if (op->tail_len > 0) gather_.emplace_back(op->tail, op->tail_len);
     }
     asio::async_write(socket_, gather_, [self = shared_from_this()](const error_code& ec, std::size_t) {
       self->writing_ = false;
-      for (Slot* s : self->batch_) self->release(s);
-      self->batch_.clear();
-      if (self->failed(ec, "sending replies")) return;
+      const bool bad = self->failed(ec, "sending replies");
+      std::vector<Op*> done = std::exchange(self->batch_, {});
+      self->batch_.reserve(kMaxRepliesPerWrite);
+      for (Op* op : done) op->req.reply_sent(bad ? -ECONNRESET : 0);
+      if (bad) return;
       self->send_replies();
       self->end_if_disconnected();
-      if (self->paused_) {
-        self->paused_ = false;
-        self->read_request();
-      }
     });
-  }
-
-  void release(Slot* s) {
-    buffered_ -= s->accounted;
-    s->accounted = 0;
-    if (s->capacity > kKeepBuffer) {
-      s->buf.reset();
-      s->capacity = 0;
-    }
-    free_.push_back(s);
   }
 
   // After NBD_CMD_DISC: close once every earlier request is answered.
   void end_if_disconnected() {
-    if (!disconnecting_ || closed_ || in_engine_ > 0 || writing_ || !replies_.empty()) return;
+    if (!disconnecting_ || closed_ || busy_ > 0 || writing_ || !replies_.empty()) return;
     close(spdlog::level::info, "client disconnected (NBD_CMD_DISC)");
   }
 
@@ -531,15 +596,19 @@ class Connection : public std::enable_shared_from_this<Connection> {
   target::BackingFile* file_ = nullptr;
   ExportLimits limits_;
   bool structured_ = false;
-  std::vector<Slot> slots_;  // sized once; Slot* stay valid
-  std::vector<Slot*> free_;
-  std::deque<Slot*> replies_;  // answered, waiting for the socket
-  std::vector<Slot*> batch_;   // being written
+  std::vector<Op> ops_;  // sized once; Op* stay valid
+  std::vector<Op*> free_;
+  std::deque<target::Request*> waiting_;  // for buffer room, in order
+  std::deque<Op*> replies_;               // answered, waiting for the socket
+  std::vector<Op*> batch_;                // being written
   std::vector<asio::const_buffer> gather_;
+  std::vector<std::byte> discard_;
   std::size_t buffered_ = 0;
-  unsigned in_engine_ = 0;
+  unsigned busy_ = 0;                     // requests not FREE
+  std::shared_ptr<Connection> self_;      // while busy_ > 0
   bool writing_ = false;
   bool paused_ = false;
+  bool awaiting_payload_ = false;
   bool disconnecting_ = false;
 };
 

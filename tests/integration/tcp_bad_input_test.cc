@@ -74,8 +74,8 @@ class RawPeer {
   // Hello + Auth without a key; returns the Welcome (or the Error).
   proto::Control handshake() {
     proto::Control hello;
-    hello.mutable_hello()->set_min_version(1);
-    hello.mutable_hello()->set_max_version(1);
+    hello.mutable_hello()->set_min_version(wire::kProtocolVersion);
+    hello.mutable_hello()->set_max_version(wire::kProtocolVersion);
     hello.mutable_hello()->set_queue_depth(4);
     hello.mutable_hello()->set_client_nonce(std::string(32, 'n'));
     send_control(hello);

@@ -1,6 +1,6 @@
 #pragma once
-// The RDMA implementation of the Connection interface (verbs + RDMA CM), one RC queue pair per
-// initiator queue:
+// The RDMA implementation of the transport interface (verbs + RDMA CM), one RC queue pair per
+// initiator queue (listen_rdma() and rdma_connector() in connection.h):
 // - connect: RDMA CM with RdmaConnectData (32 bytes, versioned) as private data;
 // - control messages (protobuf) and capsules travel as SENDs into posted RECV buffers, each
 //   with an 8-byte message header (control messages are cut into fragments);
@@ -12,8 +12,9 @@
 // out of its own registered bounce slots (queue_depth x max_io, allocated at connect): the
 // Client API takes any buffer, and registering each one would cost a syscall per I/O.
 //
-// Files: rdma_connection.cc (shared endpoint, setup, the listener, the initiator) and
-// rdma_datapath.cc (the target's command path).
+// Files: rdma_endpoint.cc (private data, the memlock check, the device cache, the endpoint both
+// roles share), rdma_listener.cc, rdma_client.cc (the initiator) and rdma_datapath.cc (the
+// target's command path).
 // Threads: every object belongs to the io_context thread it was created for.
 #include <sys/resource.h>
 
@@ -93,51 +94,5 @@ class RdmaDeviceCache {
   std::map<ibv_context*, std::weak_ptr<Device>> devices_;
   unsigned registrations_ = 0;
 };
-
-// Listens for RDMA CM connect requests on one address and port, on `io`'s thread. Requests
-// with bad private data are rejected here; good ones are handed over with their id migrated to
-// a new event channel of their own, so the chosen worker can take them over.
-class RdmaListener {
- public:
-  struct Request {
-    rdma::EventChannel channel;
-    rdma::CmId id;
-    RdmaConnectData data;
-    std::string peer;
-  };
-  using OnRequest = std::function<void(Request&& req)>;
-  // Binds and listens; throws SystemError naming the address when it is not on an RDMA
-  // interface. port 0 picks a free one.
-  RdmaListener(boost::asio::io_context& io, const std::string& address, std::uint16_t port, OnRequest on_request);
-  ~RdmaListener();
-  RdmaListener(const RdmaListener&) = delete;
-  RdmaListener& operator=(const RdmaListener&) = delete;
-  std::uint16_t port() const;
-  // Stops listening; io thread.
-  void close();
-
- private:
-  struct Impl;
-  std::shared_ptr<Impl> impl_;
-};
-
-// Target side: builds the QP for an accepted request on the calling (worker) thread; start()
-// accepts it. Slots come from `pool`, registered through `cache`. Throws SystemError.
-std::shared_ptr<ServerConnection> make_rdma_server_connection(boost::asio::io_context& io, RdmaListener::Request&& req,
-                                                              RdmaDeviceCache& cache, BufferPool& pool);
-
-struct RdmaConnectOptions {
-  unsigned queue_depth = 32;
-  std::uint32_t max_io = 1u << 20;
-  std::chrono::milliseconds connect_timeout{2500};  // address, route and connect, together
-  std::chrono::milliseconds call_timeout{10000};    // each control call afterwards
-};
-
-// Initiator side. Returns null when RDMA cannot carry this queue, with *why_not set to one
-// line a user understands (no device, address or route error, rejected, unreachable,
-// timeout, locked-memory limit).
-std::unique_ptr<ClientConnection> rdma_connect(boost::asio::io_context& io, const std::string& host,
-                                               std::uint16_t port, const RdmaConnectOptions& opts,
-                                               std::string* why_not);
 
 }  // namespace ibdisk::transport

@@ -1,7 +1,10 @@
 // RDMA transport, the target's command path: a write's data is pulled by RDMA READ into the
-// slot before the command is delivered; a read's data is pushed by RDMA WRITE chained with
-// the completion's SEND (only the SEND signalled), and the slot frees when that SEND
-// completes. Datapath errors close the queue; nothing here throws after start().
+// slot the target chose (receive_data), at most as many READs in flight as the initiator
+// allowed at connect; a read's data is pushed by RDMA WRITE chained with the completion's SEND
+// (only the SEND signalled), and the reply counts as sent when that SEND completes. When the
+// queue ends, its QP is destroyed before any operation is reported, so no slot is touched by
+// the device once the target has it back. Nothing here throws after start().
+#include <algorithm>
 #include <cstring>
 #include <deque>
 
@@ -21,27 +24,29 @@ auto log() {
   return l;
 }
 
-constexpr std::uint32_t kNoSlot = 0;  // wr index 0: the SEND frees no slot; otherwise slot + 1
+constexpr std::uint32_t kNoOp = 0;  // wr index 0: the SEND carries no DataOp; otherwise op index + 1
 
 class RdmaServerConnection final : public ServerConnection,
                                    public Endpoint,
                                    public std::enable_shared_from_this<RdmaServerConnection> {
  public:
-  RdmaServerConnection(asio::io_context& io, RdmaListener::Request&& req, std::shared_ptr<RdmaDeviceCache::Device> dev,
-                       BufferPool& pool)
+  RdmaServerConnection(asio::io_context& io, rdma_detail::ConnectRequest&& req,
+                       std::shared_ptr<RdmaDeviceCache::Device> dev)
       : Endpoint(io, std::move(req.channel), std::move(req.id), std::move(dev), req.data.queue_depth),
-        pool_(pool),
-        requested_(req.data) {
+        requested_(req.data),
+        responder_resources_(req.responder_resources) {
     peer_ = req.peer;
+    peer_info_.text = req.peer;
+    peer_info_.address = req.address;
+    // Operations in flight at once: every command of the queue, and its reply.
+    ops_.resize(2 * static_cast<std::size_t>(depth_) + 1);
+    for (std::uint32_t i = static_cast<std::uint32_t>(ops_.size()); i-- > 1;) free_ops_.push_back(i);
   }
 
-  ~RdmaServerConnection() override {
-    qp_.reset();  // no RDMA may touch a slot once it is back in the pool
-    pool_.release(slots_);
-  }
+  ~RdmaServerConnection() override { qp_.reset(); }
 
   std::string transport_name() const override { return "rdma"; }
-  std::string peer() const override { return peer_; }
+  PeerInfo peer() const override { return peer_info_; }
 
   void start(Handler* handler) override {
     handler_ = handler;
@@ -50,64 +55,81 @@ class RdmaServerConnection final : public ServerConnection,
     ibv_query_device(id_.verbs(), &attr);
     rdma_conn_param param{};
     param.responder_resources = 0;  // the initiator never reads from the target
-    param.initiator_depth = static_cast<std::uint8_t>(std::clamp(attr.max_qp_init_rd_atom, 1, 16));
+    // RDMA READs this side may have in flight: what the device and the initiator both allow.
+    const unsigned peer_allows = responder_resources_ ? responder_resources_ : 1;
+    max_reads_ = std::clamp<unsigned>(std::min<unsigned>(static_cast<unsigned>(attr.max_qp_init_rd_atom), peer_allows), 1, 16);
+    param.initiator_depth = static_cast<std::uint8_t>(max_reads_);
     param.retry_count = 7;
     param.rnr_retry_count = 7;
-    if (rdma_accept(id_.get(), &param) != 0) return fail("rdma_accept: " + errno_text(errno));
+    if (rdma_accept(id_.get(), &param) != 0) return fail(CloseCode::kNetwork, "rdma_accept: " + errno_text(errno));
     watch();
   }
 
   void send_control(const proto::Control& msg) override {
-    if (const int rc = Endpoint::send_control(msg); rc != 0 && rc != -ENOTCONN) fail("sending a control message: " + errno_text(-rc));
-  }
-
-  unsigned set_queue(unsigned queue_depth, std::uint32_t max_io) override {
-    if (!slots_.empty() || max_io > pool_.slot_size() || max_io > requested_.max_io) {
-      return static_cast<unsigned>(slots_.size());
+    if (const int rc = Endpoint::send_control(msg); rc != 0 && rc != -ENOTCONN) {
+      fail(CloseCode::kNetwork, "sending a control message: " + errno_text(-rc));
     }
-    slots_ = pool_.reserve(std::min(queue_depth, depth_));
-    slot_cmd_.resize(slots_.size());
-    for (std::uint32_t i = static_cast<std::uint32_t>(slots_.size()); i-- > 0;) free_.push_back(i);
-    return static_cast<unsigned>(slots_.size());
   }
 
-  void complete(const wire::Command& cmd, std::int32_t status, Slot* slot, std::uint32_t length) override {
-    const std::uint32_t idx = slot ? static_cast<std::uint32_t>(slot - slots_.data()) : 0;
-    const bool with_data = status == 0 && cmd.opcode == wire::Opcode::kRead && slot != nullptr;
-    if (dead_) {
-      if (slot) free_.push_back(idx);
+  unsigned admit(unsigned depth, std::uint32_t max_io) override {
+    max_io_ = std::min<std::uint32_t>(max_io, requested_.max_io);
+    return std::min(depth, depth_);
+  }
+
+  void receive_data(DataOp& op) override {
+    if (dead_) return op.data_received(-ENOTCONN);
+    if (op.slot.data == nullptr) return op.data_received(0);  // nothing to skip over RDMA
+    if (reads_in_flight_ >= max_reads_) {
+      waiting_reads_.push_back(&op);
       return;
     }
+    post_read(op);
+  }
+
+  void send_reply(DataOp& op, std::int32_t status, std::uint32_t length) override {
+    if (dead_) return op.reply_sent(-ENOTCONN);
+    const bool with_data = status == 0 && op.cmd.opcode == wire::Opcode::kRead && op.slot.data != nullptr;
     ibv_sge send_sge{};
     std::byte* p = small_buffer(&send_sge);
     rdma_detail::encode(rdma_detail::MsgHeader{wire::FrameType::kCompletion, 0, wire::kCompletionSize}, p);
-    wire::encode(wire::Completion{cmd.tag, status, with_data ? length : 0}, p + rdma_detail::kMsgHeaderSize);
+    wire::encode(wire::Completion{op.cmd.tag, status, with_data ? length : 0}, p + rdma_detail::kMsgHeaderSize);
     send_sge.length = rdma_detail::kMsgHeaderSize + wire::kCompletionSize;
     ibv_send_wr send{};
     send.sg_list = &send_sge;
     send.num_sge = 1;
     send.opcode = IBV_WR_SEND;
-    int rc;
-    if (with_data) {
-      ibv_sge data_sge{reinterpret_cast<std::uintptr_t>(slot->data), length, device_->pool_mr->lkey()};
-      ibv_send_wr write{};
-      write.sg_list = &data_sge;
-      write.num_sge = 1;
-      write.opcode = IBV_WR_RDMA_WRITE;
-      write.wr.rdma.remote_addr = cmd.addr;
-      write.wr.rdma.rkey = cmd.rkey;
-      write.next = &send;
-      rc = queue_chain(&write, &send, 2, WrKind::kSend, idx + 1, true);
-    } else {
-      // Any other slot is free as soon as the command is done with it.
-      if (slot) slot_freed(idx);
-      if (dead_) return;
-      rc = queue_chain(&send, &send, 1, WrKind::kSend, kNoSlot, true);
+    if (!with_data) {
+      // Nothing of the op is needed once the capsule is copied into the send ring.
+      if (const int rc = queue_chain(&send, &send, 1, WrKind::kSend, kNoOp, true); rc != 0) {
+        fail(CloseCode::kNetwork, "posting a completion: " + errno_text(-rc));
+      }
+      return op.reply_sent(dead_ ? -ENOTCONN : 0);
     }
-    if (rc != 0) {
-      if (with_data) free_.push_back(idx);
-      fail("posting a completion: " + errno_text(-rc));
+    const std::uint32_t idx = hold(op, false);
+    if (idx == kNoOp) {
+      fail(CloseCode::kProtocol, "more replies in flight than the queue allows");
+      return op.reply_sent(-ENOTCONN);
     }
+    ibv_sge data_sge{reinterpret_cast<std::uintptr_t>(op.slot.data), length, device_->pool_mr->lkey()};
+    ibv_send_wr write{};
+    write.sg_list = &data_sge;
+    write.num_sge = 1;
+    write.opcode = IBV_WR_RDMA_WRITE;
+    write.wr.rdma.remote_addr = op.cmd.addr;
+    write.wr.rdma.rkey = op.cmd.rkey;
+    write.next = &send;
+    if (const int rc = queue_chain(&write, &send, 2, WrKind::kSend, idx, true); rc != 0) {
+      fail(CloseCode::kNetwork, "posting a completion: " + errno_text(-rc));  // reports the op too
+    }
+  }
+
+  void resume() override {
+    if (held_.empty() || dead_ || resume_posted_) return;
+    resume_posted_ = true;
+    asio::post(io_, [self = shared_from_this()] {
+      self->resume_posted_ = false;
+      self->deliver_held();
+    });
   }
 
   void close() override {
@@ -115,10 +137,46 @@ class RdmaServerConnection final : public ServerConnection,
     if (sq_idle()) disconnect_or_fail();
   }
 
+  void abort(const std::string& why) override { fail(CloseCode::kLocal, why); }
+
  private:
+  // Parks op in the table the work request ids index; kNoOp when it is full.
+  std::uint32_t hold(DataOp& op, bool reading) {
+    if (free_ops_.empty()) return kNoOp;
+    const std::uint32_t idx = free_ops_.back();
+    free_ops_.pop_back();
+    ops_[idx] = {&op, reading};
+    return idx;
+  }
+  DataOp* unhold(std::uint32_t idx) {
+    DataOp* op = std::exchange(ops_[idx].op, nullptr);
+    if (op) free_ops_.push_back(idx);
+    return op;
+  }
+
+  void post_read(DataOp& op) {
+    const std::uint32_t idx = hold(op, true);
+    if (idx == kNoOp) {
+      fail(CloseCode::kProtocol, "more commands in flight than the queue allows");
+      return op.data_received(-ENOTCONN);
+    }
+    ++reads_in_flight_;
+    peak_reads_ = std::max(peak_reads_, reads_in_flight_);
+    ibv_sge sge{reinterpret_cast<std::uintptr_t>(op.slot.data), op.cmd.length, device_->pool_mr->lkey()};
+    ibv_send_wr wr{};
+    wr.sg_list = &sge;
+    wr.num_sge = 1;
+    wr.opcode = IBV_WR_RDMA_READ;
+    wr.wr.rdma.remote_addr = op.cmd.addr;
+    wr.wr.rdma.rkey = op.cmd.rkey;
+    if (const int rc = queue_chain(&wr, &wr, 1, WrKind::kRead, idx, true); rc != 0) {
+      fail(CloseCode::kNetwork, "posting an RDMA READ: " + errno_text(-rc));
+    }
+  }
+
   void disconnect_or_fail() {
     if (dead_) return;
-    if (!established_) return fail("closed by the target");
+    if (!established_) return fail(CloseCode::kLocal, "closed by the target");
     disconnect();  // DISCONNECTED follows and ends the queue
   }
 
@@ -135,7 +193,7 @@ class RdmaServerConnection final : public ServerConnection,
     proto::Control err;
     err.mutable_error()->set_code(proto::ERROR_PROTOCOL);
     err.mutable_error()->set_message(what);
-    violated_ = "protocol error: " + what;
+    violated_ = what;
     Endpoint::send_control(err);
     close();
   }
@@ -148,84 +206,92 @@ class RdmaServerConnection final : public ServerConnection,
     if (const auto e = wire::decode(payload, &cmd); e != wire::DecodeError::kNone) {
       return violation(std::string("command: ") + wire::describe(e));
     }
-    if (cmd.opcode == wire::Opcode::kRead || cmd.opcode == wire::Opcode::kWrite) {
-      if (slots_.empty()) return violation("data command before the queue was granted");
-      if (cmd.length > slots_.front().capacity) return violation("command longer than the granted I/O size");
-      if (free_.empty() || !parked_.empty()) {
-        // The initiator saw a read's completion before its SEND completed here.
-        if (parked_.size() >= slots_.size()) return violation("more commands in flight than the granted queue depth");
-        parked_.push_back(cmd);
-        return;
-      }
+    if (!held_.empty()) {
+      // Commands come in receive buffers the queue depth bounds: hold them in order.
+      if (held_.size() > depth_ + rdma_detail::kExtraRecvs) return violation("more commands in flight than the granted queue depth");
+      held_.push_back(cmd);
+      return;
     }
-    start_command(cmd);
+    if (!handler_->on_command(cmd)) held_.push_back(cmd);
   }
 
-  void start_command(const wire::Command& cmd) {
-    const bool write = cmd.opcode == wire::Opcode::kWrite;
-    if (cmd.opcode != wire::Opcode::kRead && !write) return handler_->on_command(cmd, nullptr);
-    const std::uint32_t idx = free_.back();
-    free_.pop_back();
-    Slot* slot = &slots_[idx];
-    if (!write) return handler_->on_command(cmd, slot);
-    slot_cmd_[idx] = cmd;
-    ibv_sge sge{reinterpret_cast<std::uintptr_t>(slot->data), cmd.length, device_->pool_mr->lkey()};
-    ibv_send_wr wr{};
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    wr.opcode = IBV_WR_RDMA_READ;
-    wr.wr.rdma.remote_addr = cmd.addr;
-    wr.wr.rdma.rkey = cmd.rkey;
-    if (const int rc = queue_chain(&wr, &wr, 1, WrKind::kRead, idx, true); rc != 0) {
-      free_.push_back(idx);
-      fail("posting an RDMA READ: " + errno_text(-rc));
+  void deliver_held() {
+    while (!dead_ && !closing_ && !held_.empty()) {
+      if (!handler_->on_command(held_.front())) return;
+      held_.pop_front();
     }
   }
 
   void on_send_done(WrKind kind, std::uint32_t index) override {
     if (kind == WrKind::kRead) {
-      if (closing_) {
-        free_.push_back(index);
-      } else {
-        handler_->on_command(slot_cmd_[index], &slots_[index]);
+      --reads_in_flight_;
+      DataOp* op = unhold(index);
+      if (!waiting_reads_.empty() && !dead_) {
+        DataOp* next = waiting_reads_.front();
+        waiting_reads_.pop_front();
+        post_read(*next);
       }
-    } else if (kind == WrKind::kSend && index != kNoSlot) {
-      slot_freed(index - 1);
+      if (op) op->data_received(0);
+    } else if (kind == WrKind::kSend && index != kNoOp) {
+      if (DataOp* op = unhold(index)) op->reply_sent(0);
     }
     if (closing_ && sq_idle()) disconnect_or_fail();
   }
 
-  void slot_freed(std::uint32_t idx) {
-    free_.push_back(idx);
-    while (!dead_ && !closing_ && !free_.empty() && !parked_.empty()) {
-      const wire::Command cmd = parked_.front();
-      parked_.pop_front();
-      start_command(cmd);
+  void on_dead(const CloseReason& reason) override {
+    held_.clear();
+    // The device must be done with every slot before the target gets them back.
+    qp_.reset();
+    std::deque<DataOp*> waiting = std::exchange(waiting_reads_, {});
+    for (DataOp* op : waiting) op->data_received(-ECONNRESET);
+    for (std::uint32_t i = 1; i < ops_.size(); ++i) {
+      const bool was_reading = ops_[i].reading;
+      DataOp* op = unhold(i);
+      if (!op) continue;
+      if (was_reading) op->data_received(-ECONNRESET);
+      else op->reply_sent(-ECONNRESET);
+    }
+    reads_in_flight_ = 0;
+    if (reads_peaked_logged_ == false && peak_reads_ > 0) {
+      log()->debug("{}: at most {} RDMA READs in flight (limit {})", peer_, peak_reads_, max_reads_);
+      reads_peaked_logged_ = true;
+    }
+    if (handler_) {
+      handler_->on_closed(violated_.empty() ? reason : CloseReason{CloseCode::kProtocol, violated_});
     }
   }
 
-  void on_dead(const std::string& reason) override {
-    parked_.clear();
-    if (handler_) handler_->on_closed(violated_.empty() ? reason : violated_);
-  }
-
-  BufferPool& pool_;
   RdmaConnectData requested_;
+  unsigned responder_resources_;
+  PeerInfo peer_info_;
   Handler* handler_ = nullptr;
-  std::vector<Slot> slots_;
-  std::vector<wire::Command> slot_cmd_;  // a write's command while its RDMA READ runs
-  std::vector<std::uint32_t> free_;
-  std::deque<wire::Command> parked_;
+  std::uint32_t max_io_ = 0;
+  unsigned max_reads_ = 1;
+  unsigned reads_in_flight_ = 0;
+  unsigned peak_reads_ = 0;
+  bool reads_peaked_logged_ = false;
+  std::deque<DataOp*> waiting_reads_;  // beyond max_reads_, in order
+  struct Held {
+    DataOp* op = nullptr;
+    bool reading = false;  // at its RDMA READ (else its reply is going out)
+  };
+  std::vector<Held> ops_;              // by work request index; [0] unused
+  std::vector<std::uint32_t> free_ops_;
+  std::deque<wire::Command> held_;  // commands the handler could not take yet
+  bool resume_posted_ = false;
   bool closing_ = false;
   std::string violated_;
 };
 
 }  // namespace
 
-std::shared_ptr<ServerConnection> make_rdma_server_connection(asio::io_context& io, RdmaListener::Request&& req,
-                                                              RdmaDeviceCache& cache, BufferPool& pool) {
+namespace rdma_detail {
+
+std::shared_ptr<ServerConnection> make_server_connection(asio::io_context& io, ConnectRequest&& req,
+                                                         RdmaDeviceCache& cache) {
   auto dev = cache.get(req.id.verbs());
-  return std::make_shared<RdmaServerConnection>(io, std::move(req), std::move(dev), pool);
+  return std::make_shared<RdmaServerConnection>(io, std::move(req), std::move(dev));
 }
 
+}  // namespace rdma_detail
 }  // namespace ibdisk::transport

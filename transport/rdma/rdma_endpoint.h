@@ -5,6 +5,7 @@
 // io_context: both channel fds are watched with stream_descriptor::async_wait, never blocking
 // the io thread. Derived classes supply what a message, a send completion and the end mean.
 #include <deque>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,28 @@ constexpr std::uint32_t wr_retire(std::uint64_t id) { return static_cast<std::ui
 
 std::string sockaddr_text(const sockaddr* sa);
 std::string cm_event_text(const rdma::CmEvent& ev);
+// The host part of sockaddr_text, as an address (for the allow-list).
+std::optional<boost::asio::ip::address> sockaddr_address(const sockaddr* sa);
+// Makes librdmacm drop its context of a removed device (see rdma_endpoint.cc).
+void forget_removed_devices();
+void set_nonblocking(int fd);
+std::uint16_t get16(const std::byte* p);
+std::uint32_t get32(const std::byte* p);
+
+// A connect request the listener accepted the private data of, with its id on an event
+// channel of its own, so the chosen worker can take it over.
+struct ConnectRequest {
+  rdma::EventChannel channel;
+  rdma::CmId id;
+  RdmaConnectData data;
+  std::string peer;
+  std::optional<boost::asio::ip::address> address;
+  unsigned responder_resources = 0;  // RDMA READs the initiator lets this side have in flight
+};
+// Target side: builds the QP for an accepted request on the calling (worker) thread; start()
+// accepts it. Registrations of the worker's pool come from `cache`. Throws SystemError.
+std::shared_ptr<ServerConnection> make_server_connection(boost::asio::io_context& io, ConnectRequest&& req,
+                                                         RdmaDeviceCache& cache);
 
 class Endpoint {
  public:
@@ -62,10 +85,10 @@ class Endpoint {
   // A signalled send-queue completion (kSend with its index, or kRead).
   virtual void on_send_done(WrKind kind, std::uint32_t index) = 0;
   // The connection is over; report once. Called with dead_ already set.
-  virtual void on_dead(const std::string& reason) = 0;
+  virtual void on_dead(const CloseReason& reason) = 0;
   virtual void on_established() {}
   // The peer broke the protocol: say why where possible, then end.
-  virtual void violation(const std::string& what) { fail("protocol error: " + what); }
+  virtual void violation(const std::string& what) { fail(CloseCode::kProtocol, what); }
 
   // Posts every RECV buffer; setup.
   void post_all_recvs();
@@ -88,8 +111,8 @@ class Endpoint {
   std::byte* small_buffer(ibv_sge* sge);
   bool sq_room(unsigned n) const { return sq_used_ + n <= sq_cap_; }
   bool sq_idle() const { return sq_used_ == 0 && ctrl_out_.empty(); }
-  // Ends the connection: disconnects and reports `reason` through on_dead (once).
-  void fail(const std::string& reason);
+  // Ends the connection: disconnects and reports the reason through on_dead (once).
+  void fail(CloseCode code, const std::string& detail);
   void disconnect();
 
   asio::io_context& io_;

@@ -253,6 +253,15 @@ proto::Opened Client::open(const std::string& name, bool read_only) {
   return reply.opened();
 }
 
+void Client::close(std::uint32_t handle) {
+  proto::Control req;
+  req.mutable_close()->set_handle(handle);
+  const auto reply = queues_.at(0)->conn->call(req);
+  throw_if_error(reply, "closing handle " + std::to_string(handle));
+  if (!reply.has_closed()) throw SystemError("closing handle " + std::to_string(handle), std::string("no Closed reply"));
+  std::erase_if(opened_, [handle](const OpenedExport& e) { return e.handle == handle; });
+}
+
 unsigned Client::queue_count() const { return static_cast<unsigned>(queues_.size()); }
 unsigned Client::queue_depth(unsigned q) const { return queues_.at(q)->depth; }
 std::uint32_t Client::max_io() const { return max_io_; }

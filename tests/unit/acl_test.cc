@@ -69,5 +69,19 @@ TEST(AllowList, PlainNetworks) {
   EXPECT_THROW(NetworkAllowList({"::ffff:127.0.0.1/129"}), std::invalid_argument);
 }
 
+// An IPv6 network whose prefix is shorter than the v4-mapped range's 96 bits covers IPv4
+// peers by their mapped form: ::/0 is everyone, ::ffff:0:0/96 every IPv4 peer.
+TEST(AllowList, ShortIpv6PrefixesCoverMappedPeers) {
+  const NetworkAllowList all({"::/0"});
+  EXPECT_TRUE(allows(all, "127.0.0.1"));
+  EXPECT_TRUE(allows(all, "2001:db8::1"));
+  const NetworkAllowList v4({"::ffff:0:0/96"});
+  EXPECT_TRUE(allows(v4, "10.9.8.7"));
+  EXPECT_FALSE(allows(v4, "2001:db8::1"));
+  const NetworkAllowList short_mapped({"::ffff:127.0.0.1/80"});
+  EXPECT_TRUE(allows(short_mapped, "127.0.0.1"));
+  EXPECT_TRUE(allows(short_mapped, "::1"));  // ::/80 holds ::1 too: an IPv6 network, as written
+}
+
 }  // namespace
 }  // namespace ibdisk

@@ -224,6 +224,9 @@ TEST(CliCopy, DownloadIntoAnExistingLongerFileIsByteEqual) {
         if (differ++ == 0) first = i;
       }
     }
+    struct stat st{};
+    ASSERT_EQ(::stat(dest.c_str(), &st), 0);
+    EXPECT_LT(static_cast<std::uint64_t>(st.st_blocks) * 512, 6u << 20) << "the destination stays sparse (3.1 MiB of data)";
     EXPECT_EQ(differ, 0u) << "bytes that differ from the export, the first at offset " << first << " (0x" << std::hex
                           << (first < got.size() ? static_cast<unsigned>(static_cast<unsigned char>(got[first])) : 0u)
                           << ")";

@@ -20,6 +20,8 @@ struct ServeArgs {
   target::ServerOptions opts;
   bool nbd = false;
   std::uint16_t nbd_port = nbd::kDefaultPort;
+  double handshake_timeout_s = 30;
+  double stop_timeout_s = 10;
 };
 
 // The NBD front end has no authentication of its own: beyond loopback it needs an allow-list
@@ -37,6 +39,9 @@ std::unique_ptr<nbd::NbdServer> start_nbd(ServeArgs& a, target::Server& server) 
 }
 
 int run_serve(ServeArgs& a) {
+  const auto ms = [](double s) { return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000)); };
+  a.opts.handshake_timeout = ms(a.handshake_timeout_s);
+  a.opts.stop_timeout = ms(a.stop_timeout_s);
   for (const auto& spec : a.exports) a.opts.exports.push_back(target::parse_export_spec(spec));
   if (!a.listen.empty()) {
     std::uint16_t port = a.opts.port;
@@ -107,6 +112,14 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_option("--threads", a->opts.threads, "worker threads (each with its own io_uring)")->capture_default_str();
   sub->add_option("--buffer-mib", a->opts.buffer_mib, "data buffers per worker, MiB")->capture_default_str();
   sub->add_option("--name", a->opts.server_name, "name shown to initiators");
+  sub->add_option("--handshake-timeout", a->handshake_timeout_s,
+                  "SECONDS a new connection may take to authenticate before it is closed")
+      ->capture_default_str()
+      ->check(CLI::Range(0.1, 3600.0));
+  sub->add_option("--stop-timeout", a->stop_timeout_s,
+                  "SECONDS SIGTERM waits for in-flight I/O and unsent replies before closing what is left")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 3600.0));
   sub->add_flag("--nbd", a->nbd, "also serve the exports over plain NBD (nbd-client, qemu, nbdcopy; see docs/nbd.md)");
   sub->add_option("--nbd-port", a->nbd_port, "port of the NBD front end")->capture_default_str();
   on_run(sub, [a] { return run_serve(*a); });

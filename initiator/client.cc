@@ -288,6 +288,7 @@ void Client::close(std::uint32_t handle) {
   req.mutable_close()->set_handle(current);
   const auto reply = queues_.at(0)->conn->call(req);
   throw_if_error(reply, "closing handle " + std::to_string(handle));
+  if (!reply.has_closed()) throw SystemError("closing handle " + std::to_string(handle), std::string("no Closed reply"));
   std::erase_if(opened_, [handle](const OpenedExport& e) { return e.handle == handle; });
 }
 

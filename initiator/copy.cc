@@ -1,5 +1,7 @@
 #include "initiator/copy.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -148,9 +150,16 @@ void run_pass(std::span<Client* const> clients, Pass& pass, const CopyOptions& o
 CopyResult download(std::span<Client* const> clients, std::uint32_t handle, std::uint64_t size, int fd,
                     bool sparse_dest, const CopyOptions& opts) {
   const auto start = std::chrono::steady_clock::now();
-  if (sparse_dest && ::ftruncate(fd, static_cast<off_t>(size)) != 0) {
-    throw SystemError("sizing the destination to " + std::to_string(size) + " bytes", errno,
-                      "is there enough space, and is it a regular file?");
+  // The bytes the destination file had below the export's size: zero blocks there must be
+  // zeroed, zero blocks past them are holes already.
+  std::uint64_t old_data = 0;
+  if (sparse_dest) {
+    struct stat st{};
+    if (::fstat(fd, &st) == 0) old_data = std::min<std::uint64_t>(static_cast<std::uint64_t>(st.st_size), size);
+    if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
+      throw SystemError("sizing the destination to " + std::to_string(size) + " bytes", errno,
+                        "is there enough space, and is it a regular file?");
+    }
   }
   Pass pass;
   pass.size = size;
@@ -164,6 +173,18 @@ CopyResult download(std::span<Client* const> clients, std::uint32_t handle, std:
           }
           if (sparse_dest && all_zero(buf, len)) {
             pass.skipped += len;
+            if (off < old_data) {
+              // Old bytes there: punch them out (the file stays sparse), or write the zeros.
+              const std::uint64_t n = std::min<std::uint64_t>(len, old_data - off);
+              if (::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(off),
+                              static_cast<off_t>(n)) != 0) {
+                std::uint64_t at = 0;
+                if (const int st = move_all(::pwrite, fd, buf, n, off, &at); st < 0) {
+                  pass.fail(io_error("zeroing the destination", at, st));
+                  return done(false);
+                }
+              }
+            }
           } else {
             std::uint64_t at = 0;
             if (const int st = move_all(::pwrite, fd, buf, len, off, &at); st < 0) {

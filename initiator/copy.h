@@ -21,9 +21,11 @@ struct CopyResult {
   std::uint64_t skipped_zero_bytes = 0;  // zero blocks not written (download: sparse; upload: write-zeroes)
 };
 
-// Export -> local fd. A regular destination file is truncated to the export's size and
-// zero blocks are skipped so it stays sparse. Throws SystemError on any I/O error, naming the
-// offset and the reason.
+// Export -> local fd; the destination ends byte-equal to the export. A regular destination
+// file (sparse_dest) is truncated to the export's size and zero blocks are not written, so it
+// stays sparse: they are holes (punched, or written as zeros where the file system cannot
+// punch, where the file had bytes before). Any other destination (a block device) gets every
+// block, zeros included. Throws SystemError on any I/O error, naming the offset and the reason.
 CopyResult download(Client& client, std::uint32_t handle, std::uint64_t size, int fd, bool sparse_dest,
                     const CopyOptions& opts);
 // Local fd (size bytes) -> export, then flush. Zero blocks go as write-zeroes.

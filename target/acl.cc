@@ -11,23 +11,26 @@ ip::address unmap(const ip::address& a) {
   return a;
 }
 
-// One to_bytes() result per address: begin() and end() of two temporaries are two arrays.
-std::vector<unsigned char> address_bytes(const ip::address& a) {
-  if (a.is_v4()) {
-    const auto b = a.to_v4().to_bytes();
+// The address as bytes in the family of a network: 4 for an IPv4 network (a v4-mapped peer
+// unmapped), 16 for an IPv6 one (an IPv4 peer as ::ffff:a.b.c.d). Empty when an IPv6 peer
+// cannot be in an IPv4 network.
+std::vector<unsigned char> bytes_as(const ip::address& a, bool v4) {
+  if (v4) {
+    const ip::address u = unmap(a);
+    if (!u.is_v4()) return {};
+    const auto b = u.to_v4().to_bytes();
     return {b.begin(), b.end()};
   }
-  const auto b = a.to_v6().to_bytes();
+  const auto b = a.is_v4() ? ip::make_address_v6(ip::v4_mapped, a.to_v4()).to_bytes() : a.to_v6().to_bytes();
   return {b.begin(), b.end()};
 }
 
-bool prefix_match(const ip::address& a, const ip::address& b, unsigned prefix) {
-  if (a.is_v4() != b.is_v4()) return false;
-  const auto bytes_a = address_bytes(a);
-  const auto bytes_b = address_bytes(b);
+// Whether the first `prefix` bits agree; never reads past either address.
+bool prefix_match(const std::vector<unsigned char>& a, const std::vector<unsigned char>& b, unsigned prefix) {
+  if (a.empty() || a.size() != b.size() || prefix > a.size() * 8) return false;
   for (unsigned bit = 0; bit < prefix; ++bit) {
     const unsigned mask = 0x80u >> (bit % 8);
-    if ((bytes_a[bit / 8] & mask) != (bytes_b[bit / 8] & mask)) return false;
+    if ((a[bit / 8] & mask) != (b[bit / 8] & mask)) return false;
   }
   return true;
 }
@@ -48,15 +51,21 @@ NetworkAllowList::NetworkAllowList(const std::vector<std::string>& cidrs) {
       }
       prefix = static_cast<unsigned>(std::stoul(p));
     }
-    nets_.push_back({unmap(base), prefix});
+    // ::ffff:a.b.c.d/N (N >= 96) is the IPv4 network a.b.c.d/(N - 96); a shorter prefix stays an
+    // IPv6 network, which IPv4 peers match in their mapped form.
+    if (base.is_v6() && base.to_v6().is_v4_mapped() && prefix >= 96) {
+      nets_.push_back({unmap(base), prefix - 96});
+    } else {
+      nets_.push_back({base, prefix});
+    }
   }
 }
 
 bool NetworkAllowList::allows(const ip::address& peer) const {
   if (nets_.empty()) return true;
-  const auto p = unmap(peer);
   for (const auto& n : nets_) {
-    if (prefix_match(p, n.base, n.prefix)) return true;
+    const bool v4 = n.base.is_v4();
+    if (prefix_match(bytes_as(peer, v4), bytes_as(n.base, v4), n.prefix)) return true;
   }
   return false;
 }

@@ -14,7 +14,8 @@ class NetworkAllowList {
   // naming the bad entry.
   explicit NetworkAllowList(const std::vector<std::string>& cidrs);
   bool empty() const { return nets_.empty(); }
-  // IPv4-mapped IPv6 peers are matched as IPv4.
+  // IPv4-mapped IPv6 peers are matched as IPv4; a v4-mapped network of prefix 96 or more is
+  // the IPv4 network of prefix - 96.
   bool allows(const boost::asio::ip::address& peer) const;
   std::string describe() const;
 

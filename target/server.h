@@ -30,9 +30,11 @@ struct ServerOptions {
   std::string server_name;
   bool rdma = true;             // also listen on RDMA CM when an RDMA device exists
   int rdma_port = -1;           // RDMA CM port (a port space of its own): -1 the TCP port, 0 any
-  // A connection that has not finished Hello/Auth by then is closed.
+  // A queue that has not finished its handshake (Hello, Challenge, Auth, Welcome) within this
+  // time is closed, so silent or half-sent connections do not hold the target's memory.
   std::chrono::milliseconds handshake_timeout{30000};
-  // After stop(), queues get this long to finish what they carry; then they are closed.
+  // stop() (SIGTERM): how long in-flight I/O and unsent replies may take to finish; then the
+  // queues that did not finish are closed (and the log says so), and run() returns.
   std::chrono::milliseconds stop_timeout{10000};
 };
 

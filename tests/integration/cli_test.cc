@@ -4,7 +4,9 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <cstring>
 #include <fstream>
+#include <iterator>
 
 #include "common/checksum.h"
 #include "tests/support/fixtures.h"
@@ -175,6 +177,60 @@ TEST(CliDemo, EndToEndOnThisHost) {
   EXPECT_NE(r.output.find("demo: PASS, every byte matches"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("initiator session"), std::string::npos) << r.output;
   EXPECT_TRUE(std::filesystem::is_empty(dir.path())) << "the demo leaves nothing behind";
+}
+
+}  // namespace
+}  // namespace ibdisk
+
+namespace ibdisk {
+namespace {
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+}
+
+// Issue 14, finding 2: a download into an existing file leaves it byte-equal to the export:
+// same size (the file was longer), and the export's zero blocks zero there too (the old bytes
+// stayed where the download skipped zero blocks). With and without --verify.
+TEST(CliCopy, DownloadIntoAnExistingLongerFileIsByteEqual) {
+  testing::TempDir dir;
+  // 8 MiB + 12345 bytes: data in 1 MiB blocks 0, 3 and 5 and in the middle of block 6, zeros
+  // elsewhere (the tail too).
+  const std::size_t size = (8u << 20) + 12345;
+  std::string image(size, '\0');
+  for (const std::size_t b : {0u, 3u, 5u}) {
+    std::vector<std::byte> block(1 << 20);
+    fill_pattern(block, b + 1);
+    std::memcpy(image.data() + (b << 20), block.data(), block.size());
+  }
+  std::memset(image.data() + (6u << 20) + 5000, 0x5c, 70000);
+  std::ofstream(dir.file("d.img"), std::ios::binary).write(image.data(), static_cast<std::streamsize>(image.size()));
+  testing::ServerThread srv(testing::loopback_target(dir.file("d.img"), true, 16));
+  const std::string remote = "127.0.0.1:" + std::to_string(srv.port()) + "/disk";
+  for (const bool verify : {false, true}) {
+    SCOPED_TRACE(verify ? "with --verify" : "without --verify");
+    const std::string dest = dir.file(verify ? "dest-verified" : "dest");
+    std::ofstream(dest, std::ios::binary) << std::string(size + (3u << 20), '\xab');
+    std::vector<std::string> argv{IBDISK_BINARY, "copy", remote, dest, "--no-progress"};
+    if (verify) argv.push_back("--verify");
+    const auto r = run(argv);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    const std::string got = read_file(dest);
+    EXPECT_EQ(got.size(), size) << "the destination keeps its old length";
+    std::size_t differ = 0, first = std::string::npos;
+    for (std::size_t i = 0; i < std::min(got.size(), size); ++i) {
+      if (got[i] != image[i]) {
+        if (differ++ == 0) first = i;
+      }
+    }
+    struct stat st{};
+    ASSERT_EQ(::stat(dest.c_str(), &st), 0);
+    EXPECT_LT(static_cast<std::uint64_t>(st.st_blocks) * 512, 6u << 20) << "the destination stays sparse (3.1 MiB of data)";
+    EXPECT_EQ(differ, 0u) << "bytes that differ from the export, the first at offset " << first << " (0x" << std::hex
+                          << (first < got.size() ? static_cast<unsigned>(static_cast<unsigned char>(got[first])) : 0u)
+                          << ")";
+  }
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include "common/error.h"
 #include "initiator/client.h"
 #include "tests/support/fixtures.h"
+#include "tests/support/raw_peer.h"
 #include "transport/tcp/asio.h"
 
 namespace ibdisk {
@@ -22,77 +23,7 @@ using asio::ip::tcp;
 using initiator::Client;
 using initiator::ClientOptions;
 
-// A raw initiator that writes frames by hand.
-class RawPeer {
- public:
-  explicit RawPeer(std::uint16_t port) : sock_(io_) {
-    sock_.connect({asio::ip::make_address("127.0.0.1"), port});
-    const timeval tv{10, 0};  // a test that waits for an answer that never comes fails, not hangs
-    ::setsockopt(sock_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  }
-  void send_bytes(const void* p, std::size_t n) { asio::write(sock_, asio::buffer(p, n)); }
-  // Blocking read of exactly n bytes with the receive timeout; false on EOF, error or timeout.
-  bool recv_exact(void* p, std::size_t n) {
-    auto* b = static_cast<char*>(p);
-    while (n > 0) {
-      const ssize_t got = ::recv(sock_.native_handle(), b, n, 0);
-      if (got < 0 && errno == EINTR) continue;  // with a receive timeout, a signal is not restarted
-      if (got <= 0) return false;
-      b += got;
-      n -= static_cast<std::size_t>(got);
-    }
-    return true;
-  }
-  void send_frame(wire::FrameType type, const std::string& payload) {
-    std::byte h[wire::kFrameHeaderSize];
-    wire::encode(wire::FrameHeader{type, static_cast<std::uint32_t>(payload.size())}, h);
-    send_bytes(h, sizeof h);
-    send_bytes(payload.data(), payload.size());
-  }
-  void send_control(const proto::Control& c) { send_frame(wire::FrameType::kControl, c.SerializeAsString()); }
-  // Reads one control frame; returns false on EOF/error.
-  bool read_control(proto::Control* out) {
-    std::byte h[wire::kFrameHeaderSize];
-    if (!recv_exact(h, sizeof h)) return false;
-    wire::FrameHeader fh;
-    if (wire::decode(h, &fh) != wire::DecodeError::kNone || fh.type != wire::FrameType::kControl) return false;
-    std::string body(fh.length, '\0');
-    return recv_exact(body.data(), body.size()) && out->ParseFromString(body);
-  }
-  bool read_completion(wire::Completion* out) {
-    std::byte h[wire::kFrameHeaderSize + wire::kCompletionSize];
-    if (!recv_exact(h, sizeof h)) return false;
-    return wire::decode({h + wire::kFrameHeaderSize, wire::kCompletionSize}, out) == wire::DecodeError::kNone;
-  }
-  bool closed_by_peer() {
-    char c;
-    ssize_t got;
-    do got = ::recv(sock_.native_handle(), &c, 1, 0);
-    while (got < 0 && errno == EINTR);
-    return got == 0 || (got < 0 && errno == ECONNRESET);
-  }
-  // Hello + Auth without a key; returns the Welcome (or the Error).
-  proto::Control handshake() {
-    proto::Control hello;
-    hello.mutable_hello()->set_min_version(wire::kProtocolVersion);
-    hello.mutable_hello()->set_max_version(wire::kProtocolVersion);
-    hello.mutable_hello()->set_queue_depth(4);
-    hello.mutable_hello()->set_client_nonce(std::string(32, 'n'));
-    send_control(hello);
-    proto::Control ch;
-    EXPECT_TRUE(read_control(&ch));
-    proto::Control auth;
-    auth.mutable_auth();
-    send_control(auth);
-    proto::Control w;
-    EXPECT_TRUE(read_control(&w));
-    return w;
-  }
-
- private:
-  asio::io_context io_;
-  tcp::socket sock_;
-};
+using testing::RawPeer;
 
 class BadInput : public ::testing::Test {
  protected:

@@ -34,8 +34,10 @@ std::unique_ptr<nbd::NbdServer> start_nbd(ServeArgs& a, target::Server& server) 
     throw SystemError("NBD front end on " + host, std::string("NBD clients do not authenticate"),
                       "give --allow CIDR for the hosts that may use NBD, or --insecure on a network you trust");
   }
+  nbd::NbdServerOptions no;
+  no.any_local_user = a.opts.insecure;
   return std::make_unique<nbd::NbdServer>(server.worker_io(0), server.exports(), server.worker_engine(0),
-                                          server.allow_list(), boost::asio::ip::tcp::endpoint(addr, a.nbd_port));
+                                          server.allow_list(), boost::asio::ip::tcp::endpoint(addr, a.nbd_port), no);
 }
 
 int run_serve(ServeArgs& a) {

@@ -74,12 +74,9 @@ class Client {
   // Opens an export for this session; the handle goes into I/O calls. Throws SystemError on
   // refusal (unknown export, read-only, busy), with the target's message.
   proto::Opened open(const std::string& name, bool read_only);
-  // Closes a handle from open() for the whole session (a Close call on queue 0), releasing the
-  // export. Throws SystemError with the target's message when it refuses (unknown handle).
-  void close(std::uint32_t handle);
-
-  // Closes a handle on every queue of the session (and releases the export once the commands
-  // using it are done). Throws SystemError with the target's message.
+  // Closes a handle from open() on every queue of the session (a Close call on queue 0),
+  // releasing the export once the commands using it are done. Throws SystemError with the
+  // target's message when it refuses (unknown handle).
   void close(std::uint32_t handle);
 
   unsigned queue_count() const;

@@ -1,5 +1,7 @@
 #include "target/nbd/nbd_server.h"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
@@ -14,6 +16,7 @@
 #include "target/nbd/handshake.h"
 #include "target/nbd/protocol.h"
 #include "target/request.h"
+#include "transport/tcp/peer_cred.h"
 
 namespace ibdisk::nbd {
 namespace {
@@ -38,10 +41,18 @@ class RegistryCatalog final : public ExportCatalog {
     return out;
   }
 
+  // Every export is refused with this message (a local user the server does not serve).
+  void refuse_all(std::string why) { refusal_ = std::move(why); }
+
   CatalogAnswer probe(std::string_view name) override {
     CatalogAnswer a;
     target::ExportInfo info;
     if (!lookup(name, &info, &a)) return a;
+    if (!refusal_.empty()) {
+      a.refusal = Refusal::kPolicy;
+      a.message = refusal_;
+      return a;
+    }
     if (!info.read_only && !info.shared && info.writers > 0) {
       a.refusal = Refusal::kPolicy;
       a.message = busy_message(info.name);
@@ -53,6 +64,11 @@ class RegistryCatalog final : public ExportCatalog {
     CatalogAnswer a;
     target::ExportInfo info;
     if (!lookup(name, &info, &a)) return a;
+    if (!refusal_.empty()) {
+      a.refusal = Refusal::kPolicy;
+      a.message = refusal_;
+      return a;
+    }
     // NBD cannot say whether a client means to write: every client of a writable export is
     // its writer, so an exclusive export has one NBD client at a time.
     auto r = registry_.open(info.name, !info.read_only);
@@ -88,6 +104,7 @@ class RegistryCatalog final : public ExportCatalog {
 
   target::ExportRegistry& registry_;
   std::unique_ptr<target::ExportLease> lease_;
+  std::string refusal_;
 };
 
 class Connection;
@@ -140,6 +157,8 @@ struct detail::NbdServerState : std::enable_shared_from_this<detail::NbdServerSt
 
   void accept();
   void shutdown();
+  // Why a loopback peer gets no export (another local user), or empty.
+  std::string local_user_refusal(const tcp::socket& s, const tcp::endpoint& peer) const;
 
   asio::io_context& io;
   target::ExportRegistry& registry;
@@ -175,6 +194,8 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     server_->connections.erase(this);
     log_->debug("{}: connection released", peer_);
   }
+
+  void refuse_all(std::string why) { catalog_.refuse_all(std::move(why)); }
 
   void start() {
     timer_.expires_after(std::chrono::seconds(server_->opts.handshake_timeout_s));
@@ -637,9 +658,30 @@ void detail::NbdServerState::accept() {
     }
     socket.set_option(tcp::no_delay(true), ep_ec);
     self->log->debug("{}: connected", endpoint_text(peer));
-    std::make_shared<Connection>(self, std::move(socket), endpoint_text(peer))->start();
+    std::string refusal;
+    if (!self->opts.any_local_user) refusal = self->local_user_refusal(socket, peer);
+    auto conn = std::make_shared<Connection>(self, std::move(socket), endpoint_text(peer));
+    if (!refusal.empty()) {
+      self->log->warn("{}: every export refused: {}", endpoint_text(peer), refusal);
+      conn->refuse_all(refusal);  // answered in the handshake, so the client can say why
+    }
+    conn->start();
     self->accept();
   });
+}
+
+std::string detail::NbdServerState::local_user_refusal(const tcp::socket& s, const tcp::endpoint& peer) const {
+  auto a = peer.address();
+  if (a.is_v6() && a.to_v6().is_v4_mapped()) a = asio::ip::make_address_v4(asio::ip::v4_mapped, a.to_v6());
+  if (!a.is_loopback()) return {};
+  error_code ec;
+  const auto local = s.local_endpoint(ec);
+  const auto uid = ec ? std::nullopt : transport::loopback_peer_uid(local, peer);
+  const uid_t own = ::geteuid();
+  if (uid && (*uid == 0 || *uid == own)) return {};
+  // Short: nbd-client shows only the first 95 bytes.
+  return uid ? "NBD here serves uid " + std::to_string(own) + " and root only, not uid " + std::to_string(*uid)
+             : std::string("NBD here serves this host's uid ") + std::to_string(own) + " and root only";
 }
 
 void detail::NbdServerState::shutdown() {

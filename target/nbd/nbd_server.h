@@ -4,7 +4,8 @@
 // each does the fixed newstyle handshake (handshake.h), then serves READ, WRITE, FLUSH, TRIM
 // and WRITE_ZEROES (with FUA) through the StorageEngine, many requests in flight, replies sent
 // as they complete. Exports and their rules (read-only, exclusive writer, shared) come from
-// the ExportRegistry; peers outside the NetworkAllowList are refused at accept.
+// the ExportRegistry; peers outside the NetworkAllowList are refused at accept, and over
+// loopback only the server's own user and root are served (NbdServerOptions::any_local_user).
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -30,6 +31,10 @@ struct NbdServerOptions {
   std::size_t max_buffered = 64u << 20;
   // A client that has not finished the handshake after this long is dropped.
   unsigned handshake_timeout_s = 30;
+  // NBD has no authentication of its own: a client over loopback must be this process's user
+  // or root (the server refuses every export to anyone else), unless any local user may
+  // (serve --insecure).
+  bool any_local_user = false;
 };
 
 class NbdServer {

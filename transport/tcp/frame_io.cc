@@ -197,6 +197,13 @@ void tune(tcp::socket& s) {
   s.non_blocking(true, ec);
 }
 
+}  // namespace ibdisk::transport::tcp_detail
+
+namespace ibdisk::transport {
+
+namespace asio = boost::asio;
+using asio::ip::tcp;
+
 namespace {
 
 // One exact-match sock_diag query: the socket whose source is `src` and destination `dst`.
@@ -264,4 +271,4 @@ std::optional<uid_t> loopback_peer_uid(const tcp::endpoint& local, const tcp::en
   return diag_uid(r.is_v4() ? AF_INET : AF_INET6, r, remote.port(), l, local.port());
 }
 
-}  // namespace ibdisk::transport::tcp_detail
+}  // namespace ibdisk::transport

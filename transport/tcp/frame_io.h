@@ -13,6 +13,7 @@
 #include "proto/wire.h"
 #include "transport/connection.h"
 #include "transport/tcp/asio.h"
+#include "transport/tcp/peer_cred.h"
 
 namespace ibdisk::transport::tcp_detail {
 
@@ -146,10 +147,6 @@ std::string endpoint_text(const boost::asio::ip::tcp::endpoint& ep);
 // No Nagle, and non-blocking for the Writer. Buffer sizes stay with the kernel: setting
 // SO_SNDBUF/SO_RCVBUF turns off autotuning, which measured slower on loopback.
 void tune(boost::asio::ip::tcp::socket& s);
-// The uid owning the peer's socket of a TCP connection over loopback (NETLINK_SOCK_DIAG), or
-// nothing when it cannot be told.
-std::optional<uid_t> loopback_peer_uid(const boost::asio::ip::tcp::endpoint& local,
-                                       const boost::asio::ip::tcp::endpoint& remote);
 
 std::unique_ptr<ClientConnection> make_client_connection(boost::asio::io_context& io, boost::asio::ip::tcp::socket s,
                                                          std::chrono::milliseconds timeout);

@@ -80,7 +80,8 @@ struct Client::Queue {
   unsigned index = 0;
   std::unique_ptr<transport::ClientConnection> conn;
   bool primary = false;       // conn is on the primary transport (RDMA)
-  std::uint32_t queue_id = 0;  // the target's number for conn
+  std::uint32_t queue_id = 0;  // the target's number for conn, in session queue_session
+  std::uint64_t queue_session = 0;
   // The previous connection, finishing the commands it carries after a move back to RDMA.
   std::unique_ptr<transport::ClientConnection> draining;
   bool draining_primary = false;
@@ -237,6 +238,7 @@ std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
     q->primary = a.primary;
     q->depth = a.depth;
     q->queue_id = a.queue_id;
+    q->queue_session = c->session_id_;
     c->queues_.push_back(std::move(q));
   }
   c->next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
@@ -413,10 +415,13 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const tra
       q.primary = q.draining_primary;
     } else {
       try {
-        Admitted a = reconnect_queue(q.queue_id);
+        // A queue id means something only in the session it was given in: after the target
+        // ended that session, naming it would end an unrelated queue of the new one.
+        Admitted a = reconnect_queue(q.queue_session == session_id_ ? q.queue_id : 0);
         q.conn = std::move(a.conn);
         q.primary = a.primary;
         q.queue_id = a.queue_id;
+        q.queue_session = session_id_;
         q.depth = a.depth;  // what this connection was granted: it may be less, or more again
         start_conn(q, q.conn.get());
       } catch (const std::exception& e) {
@@ -469,6 +474,7 @@ void Client::probe_rdma() {
     q->conn = std::move(a.conn);
     q->primary = true;
     q->queue_id = a.queue_id;
+    q->queue_session = session_id_;
     q->depth = a.depth;
     start_conn(*q, q->conn.get());
     if (q->carried_by(q->draining.get()) == 0) retire(std::move(q->draining));
@@ -487,9 +493,12 @@ void Client::submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callba
 
 void Client::dispatch(Queue& queue) {
   while (queue.conn && queue.inflight < queue.depth && !queue.backlog.empty()) {
+    const int rc = send(*queue.conn, queue.backlog.front().cmd, queue.backlog.front().buf);
+    if (rc == -ENOTCONN && opts_.transport == "auto" && queue.primary) {
+      return;  // the connection just died: its loss (queued) moves the backlog to a new one
+    }
     Queue::Pending p = std::move(queue.backlog.front());
     queue.backlog.pop_front();
-    const int rc = send(*queue.conn, p.cmd, p.buf);
     if (rc != 0) {
       p.cb(rc);
       continue;

@@ -440,9 +440,19 @@ void StorageEngine::Impl::submit(BackingFile& f, IoRequest* r) {
   if (const int err = check(f, *r, fixed_count_); err != 0) return finish_later(r, err);
   if (fault_) {
     const Fault fault = fault_(*r);
-    if (fault.fail != 0 || fault.delay.count() > 0) ++stats_.injected;
+    if (fault.fail != 0 || fault.delay.count() > 0 || fault.hold.count() > 0) ++stats_.injected;
     if (fault.fail != 0) return finish_later(r, fault.fail < 0 ? fault.fail : -fault.fail);
     r->delay_ = fault.delay;
+    if (fault.hold.count() > 0) {
+      auto timer = std::make_shared<boost::asio::steady_timer>(io_, fault.hold);
+      timer->async_wait([this, alive = alive_, r, timer](const boost::system::error_code&) {
+        if (!*alive) return;
+        if (closing_) return finish(r, -ECANCELED);
+        if (r->length == 0 && r->op != IoOp::kFlush) return finish_later(r, 0);
+        start(r);
+      });
+      return;
+    }
   }
   if (r->length == 0 && r->op != IoOp::kFlush) return finish_later(r, 0);
   start(r);

@@ -102,10 +102,12 @@ class StorageEngine {
   // Registers buffers as io_uring fixed buffers. Call once, before any I/O.
   void register_buffers(std::span<const iovec> buffers);
   // An error hook, as liburing's tests inject results: called as each request reaches the
-  // engine; `fail` nonzero completes it with that -errno without doing it, `delay` holds its
-  // completion back that long after the I/O. For tests; io thread.
+  // engine; `fail` nonzero completes it with that -errno without doing it, `hold` keeps it
+  // that long before doing it (a slow device), `delay` holds its completion back that long
+  // after the I/O. For tests; io thread.
   struct Fault {
     int fail = 0;
+    std::chrono::milliseconds hold{0};
     std::chrono::milliseconds delay{0};
   };
   using FaultHook = std::function<Fault(const IoRequest& req)>;

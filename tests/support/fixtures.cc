@@ -44,7 +44,9 @@ std::uint16_t free_port() {
   return a.local_endpoint().port();
 }
 
-ServerThread::ServerThread(target::ServerOptions opts) : server_(std::make_unique<target::Server>(std::move(opts))) {
+ServerThread::ServerThread(target::ServerOptions opts, const std::function<void(target::Server&)>& before_run)
+    : server_(std::make_unique<target::Server>(std::move(opts))) {
+  if (before_run) before_run(*server_);
   thread_ = std::thread([this] { server_->run(); });
 }
 

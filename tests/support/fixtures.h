@@ -3,6 +3,7 @@
 // ports, and an in-process server on its own thread.
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -49,7 +50,8 @@ int sync(initiator::Client& c, Fn&& fn) {
 // An ibdisk target running in this process until destroyed.
 class ServerThread {
  public:
-  explicit ServerThread(target::ServerOptions opts);
+  // before_run: called with the server before it starts serving (add_listener, fault hooks).
+  explicit ServerThread(target::ServerOptions opts, const std::function<void(target::Server&)>& before_run = {});
   ~ServerThread();
   target::Server& server() { return *server_; }
   std::uint16_t port() const { return server_->port(); }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 
@@ -256,6 +257,51 @@ std::optional<uid_t> diag_uid(int family, const asio::ip::address& src, std::uin
   return uid;
 }
 
+// The same from /proc/net/tcp{,6}, for kernels whose sock_diag module (tcp_diag) is not
+// loaded: "sl local rem st tx:rx tr:when retrnsmt uid ...", addresses as the kernel's words in
+// hex.
+std::optional<uid_t> proc_uid(const asio::ip::address& src, std::uint16_t sport, const asio::ip::address& dst,
+                              std::uint16_t dport) {
+  const auto hex = [](const asio::ip::address& a, std::uint16_t port) {
+    char out[64];
+    std::string h;
+    if (a.is_v4()) {
+      const auto b = a.to_v4().to_bytes();
+      std::uint32_t w;
+      std::memcpy(&w, b.data(), 4);
+      std::snprintf(out, sizeof out, "%08X", w);
+      h = out;
+    } else {
+      const auto b = a.to_v6().to_bytes();
+      for (int i = 0; i < 4; ++i) {
+        std::uint32_t w;
+        std::memcpy(&w, b.data() + 4 * i, 4);
+        std::snprintf(out, sizeof out, "%08X", w);
+        h += out;
+      }
+    }
+    std::snprintf(out, sizeof out, ":%04X", port);
+    return h + out;
+  };
+  const std::string local = hex(src, sport), remote = hex(dst, dport);
+  FILE* f = std::fopen(src.is_v4() ? "/proc/net/tcp" : "/proc/net/tcp6", "re");
+  if (!f) return std::nullopt;
+  std::optional<uid_t> uid;
+  char line[512];
+  while (std::fgets(line, sizeof line, f)) {
+    char l[80], r[80];
+    unsigned st = 0;
+    unsigned long u = 0;
+    if (std::sscanf(line, " %*u: %79s %79s %x %*s %*s %*s %lu", l, r, &st, &u) != 4) continue;
+    if (local == l && remote == r) {
+      uid = static_cast<uid_t>(u);
+      break;
+    }
+  }
+  std::fclose(f);
+  return uid;
+}
+
 asio::ip::address unmapped(const asio::ip::address& a) {
   if (a.is_v6() && a.to_v6().is_v4_mapped()) return asio::ip::make_address_v4(asio::ip::v4_mapped, a.to_v6());
   return a;
@@ -268,7 +314,15 @@ std::optional<uid_t> loopback_peer_uid(const tcp::endpoint& local, const tcp::en
   const auto l = unmapped(local.address());
   if (!r.is_loopback() || r.is_v4() != l.is_v4()) return std::nullopt;
   // The peer's socket has the remote endpoint as its source and ours as its destination.
-  return diag_uid(r.is_v4() ? AF_INET : AF_INET6, r, remote.port(), l, local.port());
+  if (auto uid = diag_uid(r.is_v4() ? AF_INET : AF_INET6, r, remote.port(), l, local.port())) return uid;
+  return proc_uid(r, remote.port(), l, local.port());
+}
+
+std::optional<uid_t> loopback_peer_uid_from_proc(const tcp::endpoint& local, const tcp::endpoint& remote) {
+  const auto r = unmapped(remote.address());
+  const auto l = unmapped(local.address());
+  if (!r.is_loopback() || r.is_v4() != l.is_v4()) return std::nullopt;
+  return proc_uid(r, remote.port(), l, local.port());
 }
 
 }  // namespace ibdisk::transport

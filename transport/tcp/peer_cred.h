@@ -12,5 +12,9 @@ namespace ibdisk::transport {
 
 std::optional<uid_t> loopback_peer_uid(const boost::asio::ip::tcp::endpoint& local,
                                        const boost::asio::ip::tcp::endpoint& remote);
+// The same from /proc/net/tcp{,6} only (what loopback_peer_uid falls back to when the kernel's
+// tcp_diag module is not loaded); for tests.
+std::optional<uid_t> loopback_peer_uid_from_proc(const boost::asio::ip::tcp::endpoint& local,
+                                                 const boost::asio::ip::tcp::endpoint& remote);
 
 }  // namespace ibdisk::transport

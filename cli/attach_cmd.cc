@@ -11,6 +11,8 @@
 #include <sstream>
 #include <thread>
 
+#include <systemd/sd-daemon.h>
+
 #include "cli/commands.h"
 #include "cli/format.h"
 #include "common/json.h"
@@ -88,6 +90,8 @@ int run_attach_cmd(AttachArgs& a) {
     o.on_ready = [](const std::string& dev) {
       std::printf("%s\n", dev.c_str());
       std::fflush(stdout);
+      // Type=notify: mounts that require this unit wait until the device exists.
+      sd_notifyf(0, "READY=1\nSTATUS=serving %s", dev.c_str());
     };
     return initiator::run_attach(o);
   }

@@ -3,6 +3,10 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <sstream>
 #include <iostream>
 
 #include <boost/version.hpp>
@@ -12,6 +16,7 @@
 
 #include "cli/build_info.h"
 #include "cli/commands.h"
+#include "common/error.h"
 #include "common/json.h"
 #include "common/version.h"
 
@@ -67,13 +72,16 @@ void option_words(const CLI::App& sub, std::string& with_value, std::string& fla
 
 void completion_tables(const CLI::App& app, const std::string& path, std::string& out) {
   std::string subs, values, flags;
-  for (const CLI::App* s : app.get_subcommands({})) subs += (subs.empty() ? "" : " ") + s->get_name();
+  for (const CLI::App* s : app.get_subcommands({})) {
+    if (!s->get_group().empty()) subs += (subs.empty() ? "" : " ") + s->get_name();
+  }
   option_words(app, values, flags);
   const auto options = app.get_options();
   const bool positional = std::any_of(options.begin(), options.end(), [](const CLI::Option* o) { return o->get_positional(); });
   out += "  subs[\"" + path + "\"]=\"" + subs + "\"; values[\"" + path + "\"]=\"" + values + "\"; flags[\"" + path +
          "\"]=\"" + flags + "\"; args[\"" + path + "\"]=" + (positional ? "1" : "0") + "\n";
   for (const CLI::App* s : app.get_subcommands({})) {
+    if (s->get_group().empty()) continue;
     completion_tables(*s, path + " " + s->get_name(), out);
   }
 }
@@ -110,6 +118,138 @@ std::string bash_completion(const CLI::App& app) {
          "complete -F _ibdisk ibdisk\n";
 }
 
+// --- man pages -----------------------------------------------------------------------------
+// The options of each page come from the same CLI11 tree as --help; the prose sections from
+// docs/man/PAGE.man.in ("[SECTION]" lines, then roff).
+
+std::string roff_escape(const std::string& text) {
+  std::string out;
+  bool line_start = true;
+  for (const char c : text) {
+    if (line_start && (c == '.' || c == '\'')) out += "\\&";
+    if (c == '\\') out += "\\e";
+    else if (c == '-') out += "\\-";
+    else out.push_back(c);
+    line_start = c == '\n';
+  }
+  return out;
+}
+
+// Help text lines as roff: lines indented like examples become no-fill blocks.
+std::string roff_text(const std::string& text) {
+  std::string out;
+  bool nofill = false;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) {
+    const bool example = line.rfind("  ", 0) == 0;
+    if (example != nofill) out += example ? ".nf\n" : ".fi\n";
+    nofill = example;
+    out += roff_escape(example ? line.substr(2) : line) + "\n";
+  }
+  if (nofill) out += ".fi\n";
+  return out;
+}
+
+std::string roff_options(const CLI::App& sub) {
+  std::string out;
+  for (const CLI::Option* o : sub.get_options()) {
+    if (o->get_lnames().size() == 1 && o->get_lnames()[0] == "help") continue;
+    std::string names;
+    if (o->nonpositional()) {
+      for (const auto& n : o->get_snames()) names += (names.empty() ? "" : ", ") + std::string("\\fB\\-") + n + "\\fR";
+      for (const auto& n : o->get_lnames()) names += (names.empty() ? "" : ", ") + std::string("\\fB\\-\\-") + roff_escape(n) + "\\fR";
+    } else {
+      names = "\\fI" + roff_escape(o->get_name()) + "\\fR";
+    }
+    if (o->nonpositional() && o->get_items_expected_min() > 0) names += " \\fI" + roff_escape(o->get_type_name()) + "\\fR";
+    std::string desc = o->get_description();
+    if (!o->get_default_str().empty() && o->get_items_expected_min() > 0) desc += " (default " + o->get_default_str() + ")";
+    if (o->get_required()) desc += " (required)";
+    out += ".TP\n" + names + "\n" + roff_escape(desc) + "\n";
+  }
+  return out;
+}
+
+// [SECTION] blocks of an include file, in order.
+std::vector<std::pair<std::string, std::string>> read_sections(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) throw SystemError("reading " + path, errno);
+  std::vector<std::pair<std::string, std::string>> out;
+  for (std::string line; std::getline(in, line);) {
+    if (line.size() > 2 && line.front() == '[' && line.back() == ']') {
+      out.emplace_back(line.substr(1, line.size() - 2), "");
+    } else if (!out.empty()) {
+      out.back().second += line + "\n";
+    }
+  }
+  return out;
+}
+
+int run_manpage(const CLI::App& app, const std::string& page, const std::string& title,
+                const std::vector<std::string>& includes, const std::vector<std::string>& commands) {
+  std::vector<const CLI::App*> subs;
+  for (const auto& c : commands) {
+    const CLI::App* a = &app;
+    std::istringstream words(c);
+    for (std::string w; words >> w;) a = a->get_subcommand(w);
+    subs.push_back(a);
+  }
+  if (subs.empty()) subs.push_back(&app);
+  std::vector<std::pair<std::string, std::string>> sections;
+  for (const auto& f : includes) {
+    for (auto& s : read_sections(f)) sections.push_back(std::move(s));
+  }
+  const auto section = [&](const std::string& name) {
+    std::string text;
+    for (const auto& [n, t] : sections) {
+      if (n == name) text += t;
+    }
+    return text;
+  };
+  const char* epoch = std::getenv("SOURCE_DATE_EPOCH");
+  const std::time_t t = epoch ? static_cast<std::time_t>(std::strtoll(epoch, nullptr, 10)) : std::time(nullptr);
+  char date[32];
+  std::strftime(date, sizeof date, "%Y-%m-%d", std::gmtime(&t));
+  std::string upper = page;
+  for (auto& ch : upper) ch = static_cast<char>(std::toupper(static_cast<unsigned char>(ch)));
+  std::cout << ".\\\" Generated by `ibdisk manpage` from the options of `ibdisk --help` and docs/man.\n"
+            << ".TH " << roff_escape(upper) << " 8 " << date << " \"ibdisk " << kVersion << "\" \"ibdisk\"\n"
+            << ".SH NAME\n" << roff_escape(page) << " \\- " << roff_escape(title) << "\n.SH SYNOPSIS\n";
+  const auto full_name = [](const CLI::App* a) {
+    std::string n;
+    for (; a; a = a->get_parent()) n = a->get_name() + (n.empty() ? "" : " " + n);
+    return n;
+  };
+  for (const CLI::App* s : subs) {
+    std::string positional;
+    for (const CLI::Option* o : s->get_options()) {
+      if (!o->nonpositional()) positional += " " + std::string(o->get_required() ? "" : "[") + o->get_name() + (o->get_required() ? "" : "]");
+    }
+    std::cout << ".B " << roff_escape(full_name(s)) << "\n[\\fIOPTIONS\\fR]" << roff_escape(positional)
+              << (s->get_subcommands({}).empty() ? "" : " \\fISUBCOMMAND\\fR") << "\n.br\n";
+  }
+  std::cout << ".SH DESCRIPTION\n" << section("DESCRIPTION");
+  if (subs.size() == 1) {
+    std::cout << ".PP\n" << roff_text(subs[0]->get_description()) << ".SH OPTIONS\n" << roff_options(*subs[0]);
+    if (subs[0] == &app) {
+      std::cout << ".SH SUBCOMMANDS\n";
+      for (const CLI::App* s : app.get_subcommands({})) {
+        if (s->get_group().empty()) continue;
+        std::cout << ".TP\n\\fB" << roff_escape(s->get_name()) << "\\fR\n" << roff_text(s->get_description());
+      }
+    }
+  } else {
+    std::cout << ".SH COMMANDS\n";
+    for (const CLI::App* s : subs) {
+      std::cout << ".SS \"" << roff_escape(full_name(s)) << "\"\n" << roff_text(s->get_description()) << roff_options(*s);
+    }
+  }
+  for (const auto& [name, text] : sections) {
+    if (name != "DESCRIPTION") std::cout << ".SH " << name << "\n" << text;
+  }
+  return kExitOk;
+}
+
 }  // namespace
 
 void add_info_commands(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_run) {
@@ -132,6 +272,20 @@ void add_info_commands(CLI::App& app, const std::function<void(CLI::App*, Runner
       std::cout << bash_completion(app);
       return kExitOk;
     });
+  }
+  {
+    // Hidden (no group): the build writes the man pages with it (docs/man/CMakeLists.txt).
+    struct ManArgs {
+      std::string page, title;
+      std::vector<std::string> includes, commands;
+    };
+    auto a = std::make_shared<ManArgs>();
+    auto* sub = app.add_subcommand("manpage", "Write a man page (roff) for the given subcommands to stdout.")->group("");
+    sub->add_option("--page", a->page, "page name, e.g. ibdisk-serve")->required();
+    sub->add_option("--title", a->title, "what the page is about")->required();
+    sub->add_option("--include", a->includes, "files of [SECTION] blocks of roff");
+    sub->add_option("commands", a->commands, "subcommands, e.g. \"setup doctor\"");
+    on_run(sub, [&app, a] { return run_manpage(app, a->page, a->title, a->includes, a->commands); });
   }
 }
 

@@ -69,8 +69,6 @@ int main(int argc, char** argv) {
   auto config = std::make_shared<cli::TomlConfig>(app);
   if (const std::string path = find_global(args, "--config"); !path.empty()) config->set_source(path);
   app.config_formatter(config);
-  app.footer("Run `ibdisk help SUBCOMMAND` or `ibdisk SUBCOMMAND --help` for the options of one subcommand.\n" +
-             std::string(kGlobalFooter));
   std::string log_level = "info";
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or off")
       ->capture_default_str()
@@ -87,6 +85,9 @@ int main(int argc, char** argv) {
   cli::add_setup(app, on_run);
   cli::add_info_commands(app, on_run);
   add_footers(app);
+  // After the subcommands, which would inherit it.
+  app.footer("Run `ibdisk help SUBCOMMAND` or `ibdisk SUBCOMMAND --help` for the options of one subcommand.\n" +
+             std::string(kGlobalFooter));
 
   std::vector<char*> cargv{argv[0]};
   for (auto& a : args) cargv.push_back(a.data());

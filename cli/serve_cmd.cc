@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <thread>
 
+#include <systemd/sd-daemon.h>
+
 #include "cli/commands.h"
 #include "cli/format.h"
 #include "common/error.h"
@@ -101,11 +103,14 @@ int run_serve(ServeArgs& a, const CLI::App& sub) {
                 e.shared ? ", shared" : ", exclusive writer");
   }
   std::fflush(stdout);
+  // Type=notify: systemd starts what needs the target once it really listens.
+  sd_notifyf(0, "READY=1\nSTATUS=listening on %s", server.listen_description().c_str());
   std::thread signals([&server, &nbd_server, sigs] {
     int sig = 0;
     sigwait(&sigs, &sig);
     if (sig == SIGUSR1) return;
     logger("target")->info("{} received: finishing in-flight I/O", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    sd_notify(0, "STOPPING=1\nSTATUS=finishing in-flight I/O");
     if (nbd_server) nbd_server->stop();
     server.stop();
   });

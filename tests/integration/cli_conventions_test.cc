@@ -2,8 +2,15 @@
 // TOML config, option conflicts, key file and locked-memory errors, and every --json output
 // as one valid document with a schema number.
 #include <gtest/gtest.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
+
+#include <cstdlib>
+#include <regex>
 
 #include <fstream>
 
@@ -299,6 +306,52 @@ TEST(CliConventions, JsonOnEveryReport) {
   const auto dj = nlohmann::json::parse(doctor.output, nullptr, false);
   ASSERT_FALSE(dj.is_discarded()) << doctor.output;
   EXPECT_EQ(dj["exit_status"].get<int>(), doctor.exit_code);
+}
+
+// serve tells systemd (Type=notify) READY=1 once it listens, and STOPPING=1 on SIGTERM.
+TEST(CliConventions, ServeNotifiesSystemd) {
+  testing::TempDir dir;
+  testing::make_sparse_file(dir.file("d.img"), 1 << 20);
+  const int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  const std::string path = dir.file("notify");
+  std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path.c_str());
+  ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const auto receive = [fd](int timeout_ms) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, timeout_ms) != 1) return std::string();
+    char buf[512] = {};
+    const ssize_t n = ::recv(fd, buf, sizeof buf - 1, 0);
+    return n > 0 ? std::string(buf, static_cast<std::size_t>(n)) : std::string();
+  };
+  const std::string port = std::to_string(testing::free_port());
+  ::setenv("NOTIFY_SOCKET", path.c_str(), 1);
+  Child target({kBin, "serve", "--export", "d=" + dir.file("d.img"), "--listen", "127.0.0.1:" + port, "--threads", "1",
+                "--buffer-mib", "16"});
+  ::unsetenv("NOTIFY_SOCKET");
+  const std::string ready = receive(20000);
+  EXPECT_NE(ready.find("READY=1"), std::string::npos) << ready;
+  EXPECT_NE(ready.find("STATUS=listening on 127.0.0.1:" + port), std::string::npos) << ready;
+  // It really listens by then.
+  EXPECT_EQ(run({kBin, "ls", "127.0.0.1:" + port}).exit_code, 0);
+  ::kill(target.pid(), SIGTERM);
+  EXPECT_NE(receive(20000).find("STOPPING=1"), std::string::npos);
+  EXPECT_EQ(target.wait(20000).exit_code, 0);
+  ::close(fd);
+}
+
+// The unit templates rate at most MEDIUM (6.9) in `systemd-analyze security`.
+TEST(CliConventions, SystemdUnitsHardened) {
+  if (::access("/usr/bin/systemd-analyze", X_OK) != 0) GTEST_SKIP() << "systemd-analyze is not installed";
+  for (const char* unit : {"ibdisk-serve@.service", "ibdisk-attach@.service"}) {
+    const std::string file = std::string(IBDISK_BUILD_DIR) + "/setup/systemd/" + unit;
+    const auto r = run({"/usr/bin/systemd-analyze", "security", "--offline=true", "--no-pager", file});
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(r.output, m, std::regex("Overall exposure level for [^:]*: ([0-9.]+) ([A-Z]+)"))) << r.output;
+    EXPECT_LE(std::stod(m[1]), 6.9) << unit << ": " << m[0];
+  }
 }
 
 }  // namespace

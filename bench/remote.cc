@@ -603,20 +603,25 @@ std::string html_escape(const std::string& s) {
   return out;
 }
 
-std::string workload_json(const WorkloadResult& w) {
-  std::string s = "{\"name\": " + json_quote(w.name) + ", \"rw\": " + json_quote(pattern_name(w.pattern)) +
-                  ", \"bs\": " + std::to_string(w.block_size);
-  if (!w.skipped.empty()) return s + ", \"skipped\": " + json_quote(w.skipped) + "}";
-  s += ", \"in_flight\": " + std::to_string(w.in_flight) + ", \"ios\": " + std::to_string(w.ios) +
-       ", \"bytes\": " + std::to_string(w.bytes) + ", \"seconds\": " + fmt("%.6f", w.seconds) +
-       ", \"mb_s\": " + fmt("%.3f", w.mb_s) + ", \"iops\": " + fmt("%.1f", w.iops) +
-       ", \"latency_us\": {\"min\": " + fmt("%.2f", w.latency.min_us) + ", \"mean\": " + fmt("%.2f", w.latency.mean_us) +
-       ", \"p50\": " + fmt("%.2f", w.latency.p50_us) + ", \"p99\": " + fmt("%.2f", w.latency.p99_us) +
-       ", \"p99.9\": " + fmt("%.2f", w.latency.p999_us) + ", \"max\": " + fmt("%.2f", w.latency.max_us) +
-       "}, \"cpu\": {\"client_percent\": " + fmt("%.1f", w.client_cpu_percent) + ", \"server_percent\": " +
-       (w.server_cpu_percent < 0 ? std::string("null") : fmt("%.1f", w.server_cpu_percent)) +
-       "}, \"link_fraction\": " + (w.link_fraction < 0 ? std::string("null") : fmt("%.4f", w.link_fraction)) + "}";
-  return s;
+Json or_null(double v) { return v < 0 ? Json(nullptr) : Json(v); }
+
+Json workload_json(const WorkloadResult& w) {
+  Json j = {{"name", w.name}, {"rw", pattern_name(w.pattern)}, {"bs", w.block_size}};
+  if (!w.skipped.empty()) {
+    j["skipped"] = w.skipped;
+    return j;
+  }
+  j["in_flight"] = w.in_flight;
+  j["ios"] = w.ios;
+  j["bytes"] = w.bytes;
+  j["seconds"] = w.seconds;
+  j["mb_s"] = w.mb_s;
+  j["iops"] = w.iops;
+  j["latency_us"] = {{"min", w.latency.min_us}, {"mean", w.latency.mean_us}, {"p50", w.latency.p50_us},
+                     {"p99", w.latency.p99_us}, {"p99.9", w.latency.p999_us}, {"max", w.latency.max_us}};
+  j["cpu"] = {{"client_percent", w.client_cpu_percent}, {"server_percent", or_null(w.server_cpu_percent)}};
+  j["link_fraction"] = or_null(w.link_fraction);
+  return j;
 }
 
 std::string pct(double f) { return f < 0 ? "-" : fmt("%.0f%%", f * 100); }
@@ -721,77 +726,80 @@ std::vector<std::pair<std::string, std::string>> environment_summary() {
 
 std::string remote_json(const RemoteReport& r) {
   const auto& o = r.options;
-  std::string s = "{\"mode\": \"remote\", \"target\": " +
-                  json_quote(o.host + ":" + std::to_string(o.port) + "/" + o.export_name) + ",\n";
-  s += " \"options\": {\"runtime_s\": " + fmt("%.3f", o.runtime_s) + ", \"size\": " + std::to_string(o.size) +
-       ", \"queues\": " + std::to_string(o.queues) + ", \"iodepth\": " + std::to_string(o.iodepth) +
-       ", \"allow_write\": " + (o.allow_write ? "true" : "false") + ", \"verify\": " + (o.verify ? "true" : "false") +
-       ", \"qd_sweep\": [";
-  for (std::size_t i = 0; i < o.qd_sweep.size(); ++i) s += (i ? ", " : "") + std::to_string(o.qd_sweep[i]);
-  s += "], \"workloads\": [";
-  for (std::size_t i = 0; i < o.workloads.size(); ++i) s += (i ? ", " : "") + json_quote(o.workloads[i]);
-  s += "]},\n \"environment\": {";
-  for (std::size_t i = 0; i < r.environment.size(); ++i) {
-    s += (i ? ", " : "") + json_quote(r.environment[i].first) + ": " + json_quote(r.environment[i].second);
-  }
-  s += "},\n \"baselines\": [";
-  for (std::size_t i = 0; i < r.baselines.size(); ++i) {
-    const auto& b = r.baselines[i];
-    s += std::string(i ? "," : "") + "\n  {\"transport\": " + json_quote(b.transport) + ", \"peer\": " + json_quote(b.peer);
+  Json env = Json::object();
+  for (const auto& [k, v] : r.environment) env[k] = v;
+  Json baselines = Json::array();
+  for (const auto& b : r.baselines) {
+    Json j = {{"transport", b.transport}, {"peer", b.peer}};
     if (!b.skipped.empty()) {
-      s += ", \"skipped\": " + json_quote(b.skipped) + "}";
+      j["skipped"] = b.skipped;
     } else {
-      s += ", \"write_mb_s\": " + fmt("%.3f", b.write_mb_s) + ", \"read_mb_s\": " + fmt("%.3f", b.read_mb_s);
-      if (!b.latency_skipped.empty()) s += ", \"latency_skipped\": " + json_quote(b.latency_skipped);
-      if (b.write_lat_us >= 0) {
-        s += ", \"latency_us\": {\"size\": " + std::to_string(kLatencySize) + ", \"write\": " + fmt("%.2f", b.write_lat_us) +
-             ", \"read\": " + fmt("%.2f", b.read_lat_us) + "}";
-      }
-      s += std::string(", \"checksums_match\": ") + (b.checksums_match ? "true" : "false") + "}";
+      j["write_mb_s"] = b.write_mb_s;
+      j["read_mb_s"] = b.read_mb_s;
+      if (!b.latency_skipped.empty()) j["latency_skipped"] = b.latency_skipped;
+      if (b.write_lat_us >= 0) j["latency_us"] = {{"size", kLatencySize}, {"write", b.write_lat_us}, {"read", b.read_lat_us}};
+      j["checksums_match"] = b.checksums_match;
     }
+    baselines.push_back(j);
   }
-  s += "],\n \"cross_checks\": [";
-  for (std::size_t i = 0; i < r.cross_checks.size(); ++i) {
-    const auto& c = r.cross_checks[i];
+  Json checks = Json::array();
+  for (const auto& c : r.cross_checks) {
     const Baseline* b = baseline_for(r, c.transport);
     const double own = !b || !b->skipped.empty() ? -1 : c.direction == "write" ? b->write_mb_s : b->read_mb_s;
-    s += std::string(i ? "," : "") + "\n  {\"tool\": " + json_quote(c.tool) + ", \"transport\": " + json_quote(c.transport) +
-         ", \"direction\": " + json_quote(c.direction) + ", \"command\": " + json_quote(c.command);
-    if (!c.server_command.empty()) s += ", \"server_command\": " + json_quote(c.server_command);
+    Json j = {{"tool", c.tool}, {"transport", c.transport}, {"direction", c.direction}, {"command", c.command}};
+    if (!c.server_command.empty()) j["server_command"] = c.server_command;
     if (!c.skipped.empty()) {
-      s += ", \"skipped\": " + json_quote(c.skipped) + "}";
-      continue;
+      j["skipped"] = c.skipped;
+    } else {
+      j["mb_s"] = c.mb_s;
+      j["baseline_mb_s"] = own > 0 ? Json(own) : Json(nullptr);
+      j["baseline_ratio"] = own > 0 ? Json(own / c.mb_s) : Json(nullptr);
     }
-    s += ", \"mb_s\": " + fmt("%.3f", c.mb_s) + ", \"baseline_mb_s\": " + (own > 0 ? fmt("%.3f", own) : "null") +
-         ", \"baseline_ratio\": " + (own > 0 ? fmt("%.4f", own / c.mb_s) : "null") + "}";
+    checks.push_back(j);
   }
-  s += "],\n \"transports\": [";
-  for (std::size_t i = 0; i < r.transports.size(); ++i) {
-    const auto& t = r.transports[i];
-    s += std::string(i ? "," : "") + "\n  {\"name\": " + json_quote(t.name);
+  Json transports = Json::array();
+  for (const auto& t : r.transports) {
+    Json j = {{"name", t.name}};
     if (!t.skipped.empty()) {
-      s += ", \"skipped\": " + json_quote(t.skipped) + "}";
+      j["skipped"] = t.skipped;
+      transports.push_back(j);
       continue;
     }
-    s += ", \"server_cpu\": " + json_quote(t.server_cpu);
-    s += ", \"queues\": " + std::to_string(t.queues) + ", \"queue_depth\": " + std::to_string(t.queue_depth) +
-         ", \"export_size\": " + std::to_string(t.export_size) + ", \"used_size\": " + std::to_string(t.used_size) +
-         ",\n   \"workloads\": [";
-    for (std::size_t j = 0; j < t.workloads.size(); ++j) s += (j ? ",\n    " : "\n    ") + workload_json(t.workloads[j]);
-    s += "],\n   \"qd_sweep\": [";
-    for (std::size_t j = 0; j < t.sweep.size(); ++j) s += (j ? ",\n    " : "\n    ") + workload_json(t.sweep[j]);
-    s += "]";
+    j["server_cpu"] = t.server_cpu;
+    j["queues"] = t.queues;
+    j["queue_depth"] = t.queue_depth;
+    j["export_size"] = t.export_size;
+    j["used_size"] = t.used_size;
+    j["workloads"] = Json::array();
+    for (const auto& w : t.workloads) j["workloads"].push_back(workload_json(w));
+    j["qd_sweep"] = Json::array();
+    for (const auto& w : t.sweep) j["qd_sweep"].push_back(workload_json(w));
     if (t.verify.ran) {
-      s += ",\n   \"verify\": {\"bytes\": " + std::to_string(t.verify.bytes) + ", \"blocks\": " +
-           std::to_string(t.verify.blocks) + ", \"bad_blocks\": " + std::to_string(t.verify.bad_blocks) +
-           ", \"first_bad_offset\": " + (t.verify.bad_blocks ? std::to_string(t.verify.first_bad_offset) : "null") +
-           ", \"error\": " + (t.verify.error.empty() ? "null" : json_quote(t.verify.error)) +
-           ", \"ok\": " + (t.verify.ok() ? "true" : "false") + "}";
+      j["verify"] = {{"bytes", t.verify.bytes},
+                     {"blocks", t.verify.blocks},
+                     {"bad_blocks", t.verify.bad_blocks},
+                     {"first_bad_offset", t.verify.bad_blocks ? Json(t.verify.first_bad_offset) : Json(nullptr)},
+                     {"error", t.verify.error.empty() ? Json(nullptr) : Json(t.verify.error)},
+                     {"ok", t.verify.ok()}};
     }
-    s += "}";
+    transports.push_back(j);
   }
-  s += "],\n \"ok\": " + std::string(r.ok() ? "true" : "false") + "}\n";
-  return s;
+  return json_document({{"mode", "remote"},
+                        {"target", o.host + ":" + std::to_string(o.port) + "/" + o.export_name},
+                        {"options",
+                         {{"runtime_s", o.runtime_s},
+                          {"size", o.size},
+                          {"queues", o.queues},
+                          {"iodepth", o.iodepth},
+                          {"allow_write", o.allow_write},
+                          {"verify", o.verify},
+                          {"qd_sweep", o.qd_sweep},
+                          {"workloads", o.workloads}}},
+                        {"environment", env},
+                        {"baselines", baselines},
+                        {"cross_checks", checks},
+                        {"transports", transports},
+                        {"ok", r.ok()}});
 }
 
 std::string remote_text(const RemoteReport& r) {

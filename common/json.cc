@@ -8,6 +8,4 @@ std::string json_document(const Json& body) {
   return doc.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
 }
 
-std::string json_quote(const std::string& s) { return Json(s).dump(-1, ' ', false, Json::error_handler_t::replace); }
-
 }  // namespace ibdisk

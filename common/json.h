@@ -18,7 +18,4 @@ inline constexpr int kJsonSchema = 1;
 // valid UTF-8 (file names may be anything) have their bad bytes replaced by U+FFFD.
 std::string json_document(const Json& body);
 
-// s as a JSON string literal, with the surrounding quotes (valid UTF-8 as above).
-std::string json_quote(const std::string& s);
-
 }  // namespace ibdisk

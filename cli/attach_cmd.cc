@@ -57,7 +57,7 @@ AttachOptions to_options(const AttachArgs& a) {
   o.client.client_name = name;
   o.export_name = r.export_name;
   o.read_only = a.read_only;
-  o.client.transport = a.transport;
+  o.client.transport = a.transport;  // long-lived: it may move to RDMA later, so "auto" stays
   if (!a.device.empty()) {
     o.device_index = initiator::parse_nbd_device(a.device);
     if (o.device_index < 0) throw std::invalid_argument("--device '" + a.device + "': expected /dev/nbdN");

@@ -14,6 +14,7 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "cli/transport_choice.h"
 #include "common/json.h"
 #include "common/auth.h"
 #include "common/checksum.h"
@@ -51,7 +52,7 @@ ClientOptions options_for(const std::string& host, std::uint16_t port, const Com
   o.port = port;
   o.key_file = c.key_file;
   o.timeout = std::chrono::milliseconds(static_cast<long>(c.timeout_s * 1000));
-  o.transport = c.transport;
+  o.transport = choose_transport(c.transport);
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   o.client_name = name;

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <regex>
 
+#include <filesystem>
 #include <fstream>
 
 #include <nlohmann/json.hpp>
@@ -271,6 +272,19 @@ TEST_F(CliTarget, CopyJsonStdoutAndPaths) {
   EXPECT_EQ(suffix.exit_code, 2);
 }
 
+// On a host without RDMA the "RDMA not used" warning comes once, not on every command.
+TEST_F(CliTarget, RdmaNotUsedSaidOnce) {
+  if (std::filesystem::exists("/sys/class/infiniband")) GTEST_SKIP() << "this host has RDMA devices";
+  testing::TempDir runtime;
+  const std::string env = "XDG_RUNTIME_DIR=" + runtime.path().string() + " ";
+  const auto first = sh(env + kBin + " ls " + host());
+  EXPECT_EQ(first.exit_code, 0) << first.output;
+  EXPECT_TRUE(has(first, "RDMA not used")) << first.output;
+  const auto second = sh(env + kBin + " ls " + host());
+  EXPECT_EQ(second.exit_code, 0) << second.output;
+  EXPECT_FALSE(has(second, "RDMA not used")) << second.output;
+}
+
 // ibdisk://HOST works for ls and stats as it does for info.
 TEST_F(CliTarget, SchemeForHosts) {
   const auto ls = run({kBin, "ls", "ibdisk://" + host()});
@@ -352,6 +366,22 @@ TEST(CliConventions, SystemdUnitsHardened) {
     ASSERT_TRUE(std::regex_search(r.output, m, std::regex("Overall exposure level for [^:]*: ([0-9.]+) ([A-Z]+)"))) << r.output;
     EXPECT_LE(std::stod(m[1]), 6.9) << unit << ": " << m[0];
   }
+}
+
+// A kernel without an RDMA core is named as such, not as a host without an RDMA device.
+TEST(CliConventions, DoctorOnKernelWithoutRdma) {
+  testing::TempDir dir;
+  std::filesystem::create_directories(dir.path() / "proc/sys/kernel");
+  std::filesystem::create_directories(dir.path() / "sys/class/net");
+  std::ofstream(dir.file("proc/sys/kernel/osrelease")) << "6.1.0-test\n";
+  std::ofstream(dir.file("proc/modules")) << "";
+  const auto r = run({kBin, "setup", "doctor", "--root", dir.path().string()});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_TRUE(has(r, "this kernel has no RDMA support")) << r.output;
+  // With the modules on disk it is only "no device".
+  std::filesystem::create_directories(dir.path() / "lib/modules/6.1.0-test/kernel/drivers/infiniband");
+  const auto mods = run({kBin, "setup", "doctor", "--root", dir.path().string()});
+  EXPECT_FALSE(has(mods, "this kernel has no RDMA support")) << mods.output;
 }
 
 }  // namespace

@@ -1,9 +1,9 @@
-#include "common/json.h"
 #include "bench/remote.h"
 
 #include <netdb.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -19,6 +20,8 @@
 #include "bench/histogram.h"
 #include "bench/offsets.h"
 #include "common/error.h"
+#include "common/json.h"
+#include "common/version.h"
 #include "initiator/client.h"
 #include "setup/inventory.h"
 #include "transport/selftest.h"
@@ -691,6 +694,37 @@ std::vector<std::pair<std::string, std::string>> environment_summary() {
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   env.emplace_back("host", name);
+  // When, with what, on what: enough to tell two reports apart without asking.
+  const std::time_t now = std::time(nullptr);
+  char date[64];
+  std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&now));
+  env.emplace_back("date", date);
+  env.emplace_back("ibdisk", std::string(kVersion)
+#ifdef NDEBUG
+                                 + " (optimised build)"
+#else
+                                 + " (debug build)"
+#endif
+  );
+  utsname u{};
+  ::uname(&u);
+  env.emplace_back("kernel", std::string(u.sysname) + " " + u.release + " " + u.machine);
+  {
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    std::string line, model;
+    unsigned cpus = 0;
+    while (std::getline(cpuinfo, line)) {
+      if (line.rfind("processor", 0) == 0) ++cpus;
+      if (model.empty() && line.rfind("model name", 0) == 0) model = line.substr(line.find(':') + 2);
+    }
+    env.emplace_back("cpu", std::to_string(cpus) + " x " + (model.empty() ? std::string("unknown") : model));
+  }
+  {
+    std::ifstream cmdline("/proc/self/cmdline", std::ios::binary);
+    std::string arg, command;
+    while (std::getline(cmdline, arg, '\0')) command += (command.empty() ? "" : " ") + arg;
+    env.emplace_back("command", command);
+  }
   setup::Inventory inv;
   try {
     inv = setup::read_inventory(setup::Root("/"));
@@ -896,7 +930,8 @@ const char* kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"};
 
 // Grouped bar chart: one group per label, one bar per series; log scale when asked.
 std::string bar_chart(const std::string& title, const std::string& unit, const std::vector<std::string>& groups,
-                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values, bool log) {
+                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values, bool log,
+                      const std::string& x_label = "workload") {
   const double w = 1100, h = 380, left = 70, bottom = 60, top = 40, right = 160;
   double vmax = 0, vmin = 1e300;
   for (const auto& row : values) {
@@ -905,9 +940,14 @@ std::string bar_chart(const std::string& title, const std::string& unit, const s
     }
   }
   if (vmax <= 0) vmax = 1, vmin = 1;
-  double lo = 0, hi = vmax * 1.1;
+  // Ticks a reader can use: 1, 2 or 5 x 10^k apart on a linear axis, every decade on a log one.
+  const double raw_step = vmax * 1.05 / 5;
+  const double mag = std::pow(10, std::floor(std::log10(raw_step)));
+  const double step = raw_step / mag <= 1 ? mag : raw_step / mag <= 2 ? 2 * mag : raw_step / mag <= 5 ? 5 * mag : 10 * mag;
+  double lo = 0, hi = std::ceil(vmax * 1.05 / step) * step;
   if (log) lo = std::floor(std::log10(vmin)), hi = std::ceil(std::log10(vmax * 1.01));
   if (log && hi <= lo) hi = lo + 1;
+  const int ticks = log ? static_cast<int>(hi - lo) : static_cast<int>(std::lround(hi / step));
   const auto ypos = [&](double v) {
     const double f = log ? (v > 0 ? (std::log10(v) - lo) / (hi - lo) : 0) : v / hi;
     return top + (h - top - bottom) * (1 - std::clamp(f, 0.0, 1.0));
@@ -915,16 +955,18 @@ std::string bar_chart(const std::string& title, const std::string& unit, const s
   std::string s = "<svg xmlns='http://www.w3.org/2000/svg' width='" + fmt("%.0f", w) + "' height='" + fmt("%.0f", h) +
                   "' font-family='sans-serif' font-size='12'>";
   s += "<text x='" + fmt("%.0f", w / 2) + "' y='20' text-anchor='middle' font-size='15'>" + html_escape(title) + "</text>";
-  for (int i = 0; i <= 4; ++i) {
-    const double v = log ? std::pow(10, lo + (hi - lo) * i / 4) : hi * i / 4;
+  for (int i = 0; i <= ticks; ++i) {
+    const double v = log ? std::pow(10, lo + i) : step * i;
     const double y = ypos(v);
     s += "<line x1='" + fmt("%.0f", left) + "' x2='" + fmt("%.0f", w - right) + "' y1='" + fmt("%.1f", y) + "' y2='" +
          fmt("%.1f", y) + "' stroke='#ddd'/>";
     s += "<text x='" + fmt("%.0f", left - 5) + "' y='" + fmt("%.1f", y + 4) + "' text-anchor='end'>" +
-         fmt(v >= 100 ? "%.0f" : "%.3g", v) + "</text>";
+         fmt(v >= 100 || v == std::floor(v) ? "%.0f" : "%g", v) + "</text>";
   }
   s += "<text x='15' y='" + fmt("%.0f", h / 2) + "' transform='rotate(-90 15 " + fmt("%.0f", h / 2) +
        ")' text-anchor='middle'>" + html_escape(unit) + "</text>";
+  s += "<text x='" + fmt("%.0f", left + (w - left - right) / 2) + "' y='" + fmt("%.0f", h - 12) +
+       "' text-anchor='middle' fill='#555'>" + html_escape(x_label) + "</text>";
   const double gw = (w - left - right) / std::max<std::size_t>(1, groups.size());
   const double bw = gw * 0.8 / std::max<std::size_t>(1, series.size());
   for (std::size_t g = 0; g < groups.size(); ++g) {
@@ -985,7 +1027,7 @@ std::string remote_html(const RemoteReport& r) {
   }
   s += bar_chart("Throughput by workload and transport", "MB/s", groups, series, mbs, false) + "\n";
   std::vector<std::string> tseries(series.begin(), series.begin() + static_cast<long>(iops.empty() ? 0 : iops[0].size()));
-  s += bar_chart("IOPS by workload and transport", "IOPS", groups, tseries, iops, true) + "\n";
+  s += bar_chart("IOPS by workload and transport", "IOPS (log scale)", groups, tseries, iops, true) + "\n";
 
   std::vector<std::string> lgroups, lseries = {"min", "p50", "p99", "p99.9", "max"};
   std::vector<std::vector<double>> lat;
@@ -996,7 +1038,7 @@ std::string remote_html(const RemoteReport& r) {
       lat.push_back({w.latency.min_us, w.latency.p50_us, w.latency.p99_us, w.latency.p999_us, w.latency.max_us});
     }
   }
-  s += bar_chart("Latency percentiles", "microseconds (log scale)", lgroups, lseries, lat, true) + "\n";
+  s += bar_chart("Latency percentiles", "microseconds (log scale)", lgroups, lseries, lat, true, "transport and workload") + "\n";
 
   std::vector<std::string> sgroups, sseries;
   for (const unsigned qd : r.options.qd_sweep) sgroups.push_back("qd " + std::to_string(qd));
@@ -1006,7 +1048,7 @@ std::string remote_html(const RemoteReport& r) {
     sseries.push_back(t.name + " IOPS");
     for (std::size_t i = 0; i < sgroups.size(); ++i) sweep[i].push_back(i < t.sweep.size() ? t.sweep[i].iops : 0);
   }
-  s += bar_chart("Queue-depth sweep: 4 KiB random reads", "IOPS", sgroups, sseries, sweep, false) + "\n";
+  s += bar_chart("Queue-depth sweep: 4 KiB random reads", "IOPS", sgroups, sseries, sweep, false, "requests in flight") + "\n";
 
   s += "<h2>Results</h2><table><tr><th>transport</th><th>workload</th><th>bs</th><th>in flight</th><th>MB/s</th>"
        "<th>IOPS</th><th>min us</th><th>p50 us</th><th>p99 us</th><th>p99.9 us</th><th>max us</th><th>client CPU %</th>"

@@ -90,6 +90,15 @@ TEST_F(BenchRemote, AllWorkloadsVerifyAndBaseline) {
   EXPECT_EQ(html.find("<script"), std::string::npos);  // self-contained, no JS
   EXPECT_EQ(html.find("<link"), std::string::npos);  // no external stylesheet
   EXPECT_EQ(html.find("src="), std::string::npos);   // no external image or script
+  EXPECT_EQ(j["schema"].get<int>(), 1);
+  // Axes: labelled, log scales said so, tick labels 1, 2 or 5 x 10^k apart (no 3.47e+03).
+  EXPECT_NE(html.find("requests in flight"), std::string::npos);
+  EXPECT_NE(html.find("IOPS (log scale)"), std::string::npos);
+  EXPECT_EQ(html.find("e+"), std::string::npos);
+  // The environment names the date, the version, the kernel, the CPU and the command line.
+  for (const char* key : {"date", "ibdisk", "kernel", "cpu", "command"}) {
+    EXPECT_TRUE(j["environment"].contains(key)) << key << ": " << j["environment"].dump();
+  }
 }
 
 // Without --allow-write the write workloads are skipped with the reason; reads still run.

@@ -124,6 +124,9 @@ TEST(CliConventions, ConflictsRefused) {
   EXPECT_TRUE(has(rdma, "excludes")) << rdma.output;
   const auto selftest = run({kBin, "selftest", "--listen", "127.0.0.1", "otherhost"});
   EXPECT_EQ(selftest.exit_code, 2) << selftest.output;
+  const auto mode = run({kBin, "bench", "--local", "/etc/hostname", "--transports", "tcp"});
+  EXPECT_EQ(mode.exit_code, 2);
+  EXPECT_TRUE(has(mode, "--transports is for the network mode")) << mode.output;
   const auto both = run({kBin, "copy", "127.0.0.1:1/x", "-", "--verify"});
   EXPECT_EQ(both.exit_code, 2);
   EXPECT_TRUE(has(both, "--verify cannot read standard output")) << both.output;

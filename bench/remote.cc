@@ -490,14 +490,27 @@ const Baseline* baseline_for(const RemoteReport& r, const std::string& transport
   return nullptr;
 }
 
+// The link reference of one transport and direction: perftest or iperf3 where --cross-check
+// measured it (they saturate a link the self-test does not), else the self-test baseline.
+std::pair<double, std::string> link_reference(const RemoteReport& r, const std::string& transport, bool write) {
+  for (const auto& c : r.cross_checks) {
+    if (c.transport == transport && c.direction == (write ? "write" : "read") && c.skipped.empty() && c.mb_s > 0) {
+      return {c.mb_s, c.tool};
+    }
+  }
+  if (const Baseline* b = baseline_for(r, transport)) return {write ? b->write_mb_s : b->read_mb_s, "self-test"};
+  return {-1, ""};
+}
+
 void apply_fractions(RemoteReport& r) {
   for (auto& t : r.transports) {
-    const Baseline* b = baseline_for(r, t.name);
-    if (!b) continue;
     for (auto* list : {&t.workloads, &t.sweep}) {
       for (auto& w : *list) {
-        const double link = is_write(w.pattern) ? b->write_mb_s : b->read_mb_s;
-        if (w.skipped.empty() && link > 0) w.link_fraction = w.mb_s / link;
+        const auto [link, tool] = link_reference(r, t.name, is_write(w.pattern));
+        if (w.skipped.empty() && link > 0) {
+          w.link_fraction = w.mb_s / link;
+          w.link_reference = tool;
+        }
       }
     }
   }
@@ -624,6 +637,7 @@ Json workload_json(const WorkloadResult& w) {
                      {"p99", w.latency.p99_us}, {"p99.9", w.latency.p999_us}, {"max", w.latency.max_us}};
   j["cpu"] = {{"client_percent", w.client_cpu_percent}, {"server_percent", or_null(w.server_cpu_percent)}};
   j["link_fraction"] = or_null(w.link_fraction);
+  j["link_reference"] = w.link_reference.empty() ? Json(nullptr) : Json(w.link_reference);
   return j;
 }
 
@@ -906,6 +920,14 @@ std::string remote_text(const RemoteReport& r) {
     };
     for (const auto& w : t.workloads) row(w, w.name);
     for (const auto& w : t.sweep) row(w, "sweep");
+    std::string refs;
+    for (const auto* list : {&t.workloads, &t.sweep}) {
+      for (const auto& w : *list) {
+        const std::string ref = std::string(is_write(w.pattern) ? "write" : "read") + " against " + w.link_reference;
+        if (!w.link_reference.empty() && refs.find(ref) == std::string::npos) refs += (refs.empty() ? "" : ", ") + ref;
+      }
+    }
+    if (!refs.empty()) s += t.name + ": % of link: " + refs + "\n";
     if (t.verify.ran) {
       if (t.verify.ok()) {
         s += t.name + ": verify: " + std::to_string(t.verify.blocks) + " blocks (" + std::to_string(t.verify.bytes) +
@@ -1072,7 +1094,8 @@ std::string remote_html(const RemoteReport& r) {
            fmt("%.1f", w.latency.p999_us) + "</td><td>" + fmt("%.1f", w.latency.max_us) + "</td><td>" +
            fmt("%.0f", w.client_cpu_percent) + "</td><td>" +
            (w.server_cpu_percent < 0 ? std::string("-") : fmt("%.0f", w.server_cpu_percent)) + "</td><td>" +
-           pct(w.link_fraction) + "</td></tr>\n";
+           pct(w.link_fraction) + (w.link_reference.empty() ? "" : " <small>(" + html_escape(w.link_reference) + ")</small>") +
+           "</td></tr>\n";
     };
     for (const auto& w : t.workloads) row(w, w.name);
     for (const auto& w : t.sweep) row(w, "sweep randread");

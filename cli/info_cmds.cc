@@ -268,7 +268,7 @@ void add_info_commands(CLI::App& app, const std::function<void(CLI::App*, Runner
     auto* sub = app.add_subcommand("completion", "Print the shell completion script (bash): "
                                                  "`source <(ibdisk completion bash)`.");
     sub->add_option("shell", *shell, "the shell")->capture_default_str()->check(CLI::IsMember({"bash"}));
-    on_run(sub, [&app] {
+    on_run(sub, [&app, shell] {  // shell lives as long as the runner: CLI11 writes into it
       std::cout << bash_completion(app);
       return kExitOk;
     });

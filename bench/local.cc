@@ -270,27 +270,32 @@ LocalResult run_local(const LocalOptions& opts, const std::function<void(double)
 }
 
 std::string local_json(const LocalOptions& opts, const LocalResult& r) {
-  char buf[2048];
   const double per_submit = r.submit_calls ? static_cast<double>(r.ios) / static_cast<double>(r.submit_calls) : 0;
-  std::snprintf(buf, sizeof buf,
-                "\"rw\": \"%s\", \"bs\": %u, \"iodepth\": %u, \"size\": %llu, \"runtime_s\": %.3f, "
-                "\"direct\": %s, \"fixed_buffers\": %s,\n"
-                "  \"ios\": %llu, \"bytes\": %llu, \"seconds\": %.6f, \"mb_s\": %.3f, \"iops\": %.1f,\n"
-                "  \"latency_us\": {\"min\": %.2f, \"mean\": %.2f, \"p50\": %.2f, \"p99\": %.2f, \"p99.9\": %.2f, "
-                "\"max\": %.2f},\n"
-                "  \"cpu\": {\"user_percent\": %.1f, \"sys_percent\": %.1f},\n"
-                "  \"engine\": {\"submit_calls\": %llu, \"ios_per_submit\": %.2f, \"direct_ios\": %llu, "
-                "\"buffered_ios\": %llu, \"logical_block_size\": %u}\n",
-                pattern_name(opts.pattern), opts.block_size, opts.iodepth,
-                static_cast<unsigned long long>(opts.size == 0 ? r.file_size : opts.size), opts.runtime_s,
-                opts.direct ? "true" : "false", opts.fixed_buffers ? "true" : "false",
-                static_cast<unsigned long long>(r.ios), static_cast<unsigned long long>(r.bytes), r.seconds, r.mb_s,
-                r.iops, r.latency.min_us, r.latency.mean_us, r.latency.p50_us, r.latency.p99_us, r.latency.p999_us,
-                r.latency.max_us, r.cpu_user_percent, r.cpu_sys_percent,
-                static_cast<unsigned long long>(r.submit_calls), per_submit,
-                static_cast<unsigned long long>(r.direct_ios), static_cast<unsigned long long>(r.buffered_ios),
-                r.logical_block_size);
-  return "{\"mode\": \"local\", \"path\": " + json_quote(opts.path) + ", " + buf + "}\n";
+  return json_document(
+      {{"mode", "local"},
+       {"path", opts.path},
+       {"rw", pattern_name(opts.pattern)},
+       {"bs", opts.block_size},
+       {"iodepth", opts.iodepth},
+       {"size", opts.size == 0 ? r.file_size : opts.size},
+       {"runtime_s", opts.runtime_s},
+       {"direct", opts.direct},
+       {"fixed_buffers", opts.fixed_buffers},
+       {"ios", r.ios},
+       {"bytes", r.bytes},
+       {"seconds", r.seconds},
+       {"mb_s", r.mb_s},
+       {"iops", r.iops},
+       {"latency_us",
+        {{"min", r.latency.min_us}, {"mean", r.latency.mean_us}, {"p50", r.latency.p50_us}, {"p99", r.latency.p99_us},
+         {"p99.9", r.latency.p999_us}, {"max", r.latency.max_us}}},
+       {"cpu", {{"user_percent", r.cpu_user_percent}, {"sys_percent", r.cpu_sys_percent}}},
+       {"engine",
+        {{"submit_calls", r.submit_calls},
+         {"ios_per_submit", per_submit},
+         {"direct_ios", r.direct_ios},
+         {"buffered_ios", r.buffered_ios},
+         {"logical_block_size", r.logical_block_size}}}});
 }
 
 std::string local_text(const LocalOptions& opts, const LocalResult& r) {

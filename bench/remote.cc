@@ -1,9 +1,9 @@
-#include "common/json.h"
 #include "bench/remote.h"
 
 #include <netdb.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/utsname.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -19,6 +20,8 @@
 #include "bench/histogram.h"
 #include "bench/offsets.h"
 #include "common/error.h"
+#include "common/json.h"
+#include "common/version.h"
 #include "initiator/client.h"
 #include "setup/inventory.h"
 #include "transport/selftest.h"
@@ -487,14 +490,27 @@ const Baseline* baseline_for(const RemoteReport& r, const std::string& transport
   return nullptr;
 }
 
+// The link reference of one transport and direction: perftest or iperf3 where --cross-check
+// measured it (they saturate a link the self-test does not), else the self-test baseline.
+std::pair<double, std::string> link_reference(const RemoteReport& r, const std::string& transport, bool write) {
+  for (const auto& c : r.cross_checks) {
+    if (c.transport == transport && c.direction == (write ? "write" : "read") && c.skipped.empty() && c.mb_s > 0) {
+      return {c.mb_s, c.tool};
+    }
+  }
+  if (const Baseline* b = baseline_for(r, transport)) return {write ? b->write_mb_s : b->read_mb_s, "self-test"};
+  return {-1, ""};
+}
+
 void apply_fractions(RemoteReport& r) {
   for (auto& t : r.transports) {
-    const Baseline* b = baseline_for(r, t.name);
-    if (!b) continue;
     for (auto* list : {&t.workloads, &t.sweep}) {
       for (auto& w : *list) {
-        const double link = is_write(w.pattern) ? b->write_mb_s : b->read_mb_s;
-        if (w.skipped.empty() && link > 0) w.link_fraction = w.mb_s / link;
+        const auto [link, tool] = link_reference(r, t.name, is_write(w.pattern));
+        if (w.skipped.empty() && link > 0) {
+          w.link_fraction = w.mb_s / link;
+          w.link_reference = tool;
+        }
       }
     }
   }
@@ -603,20 +619,26 @@ std::string html_escape(const std::string& s) {
   return out;
 }
 
-std::string workload_json(const WorkloadResult& w) {
-  std::string s = "{\"name\": " + json_quote(w.name) + ", \"rw\": " + json_quote(pattern_name(w.pattern)) +
-                  ", \"bs\": " + std::to_string(w.block_size);
-  if (!w.skipped.empty()) return s + ", \"skipped\": " + json_quote(w.skipped) + "}";
-  s += ", \"in_flight\": " + std::to_string(w.in_flight) + ", \"ios\": " + std::to_string(w.ios) +
-       ", \"bytes\": " + std::to_string(w.bytes) + ", \"seconds\": " + fmt("%.6f", w.seconds) +
-       ", \"mb_s\": " + fmt("%.3f", w.mb_s) + ", \"iops\": " + fmt("%.1f", w.iops) +
-       ", \"latency_us\": {\"min\": " + fmt("%.2f", w.latency.min_us) + ", \"mean\": " + fmt("%.2f", w.latency.mean_us) +
-       ", \"p50\": " + fmt("%.2f", w.latency.p50_us) + ", \"p99\": " + fmt("%.2f", w.latency.p99_us) +
-       ", \"p99.9\": " + fmt("%.2f", w.latency.p999_us) + ", \"max\": " + fmt("%.2f", w.latency.max_us) +
-       "}, \"cpu\": {\"client_percent\": " + fmt("%.1f", w.client_cpu_percent) + ", \"server_percent\": " +
-       (w.server_cpu_percent < 0 ? std::string("null") : fmt("%.1f", w.server_cpu_percent)) +
-       "}, \"link_fraction\": " + (w.link_fraction < 0 ? std::string("null") : fmt("%.4f", w.link_fraction)) + "}";
-  return s;
+Json or_null(double v) { return v < 0 ? Json(nullptr) : Json(v); }
+
+Json workload_json(const WorkloadResult& w) {
+  Json j = {{"name", w.name}, {"rw", pattern_name(w.pattern)}, {"bs", w.block_size}};
+  if (!w.skipped.empty()) {
+    j["skipped"] = w.skipped;
+    return j;
+  }
+  j["in_flight"] = w.in_flight;
+  j["ios"] = w.ios;
+  j["bytes"] = w.bytes;
+  j["seconds"] = w.seconds;
+  j["mb_s"] = w.mb_s;
+  j["iops"] = w.iops;
+  j["latency_us"] = {{"min", w.latency.min_us}, {"mean", w.latency.mean_us}, {"p50", w.latency.p50_us},
+                     {"p99", w.latency.p99_us}, {"p99.9", w.latency.p999_us}, {"max", w.latency.max_us}};
+  j["cpu"] = {{"client_percent", w.client_cpu_percent}, {"server_percent", or_null(w.server_cpu_percent)}};
+  j["link_fraction"] = or_null(w.link_fraction);
+  j["link_reference"] = w.link_reference.empty() ? Json(nullptr) : Json(w.link_reference);
+  return j;
 }
 
 std::string pct(double f) { return f < 0 ? "-" : fmt("%.0f%%", f * 100); }
@@ -686,6 +708,37 @@ std::vector<std::pair<std::string, std::string>> environment_summary() {
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   env.emplace_back("host", name);
+  // When, with what, on what: enough to tell two reports apart without asking.
+  const std::time_t now = std::time(nullptr);
+  char date[64];
+  std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&now));
+  env.emplace_back("date", date);
+  env.emplace_back("ibdisk", std::string(kVersion)
+#ifdef NDEBUG
+                                 + " (optimised build)"
+#else
+                                 + " (debug build)"
+#endif
+  );
+  utsname u{};
+  ::uname(&u);
+  env.emplace_back("kernel", std::string(u.sysname) + " " + u.release + " " + u.machine);
+  {
+    std::ifstream cpuinfo("/proc/cpuinfo");
+    std::string line, model;
+    unsigned cpus = 0;
+    while (std::getline(cpuinfo, line)) {
+      if (line.rfind("processor", 0) == 0) ++cpus;
+      if (model.empty() && line.rfind("model name", 0) == 0) model = line.substr(line.find(':') + 2);
+    }
+    env.emplace_back("cpu", std::to_string(cpus) + " x " + (model.empty() ? std::string("unknown") : model));
+  }
+  {
+    std::ifstream cmdline("/proc/self/cmdline", std::ios::binary);
+    std::string arg, command;
+    while (std::getline(cmdline, arg, '\0')) command += (command.empty() ? "" : " ") + arg;
+    env.emplace_back("command", command);
+  }
   setup::Inventory inv;
   try {
     inv = setup::read_inventory(setup::Root("/"));
@@ -721,77 +774,80 @@ std::vector<std::pair<std::string, std::string>> environment_summary() {
 
 std::string remote_json(const RemoteReport& r) {
   const auto& o = r.options;
-  std::string s = "{\"mode\": \"remote\", \"target\": " +
-                  json_quote(o.host + ":" + std::to_string(o.port) + "/" + o.export_name) + ",\n";
-  s += " \"options\": {\"runtime_s\": " + fmt("%.3f", o.runtime_s) + ", \"size\": " + std::to_string(o.size) +
-       ", \"queues\": " + std::to_string(o.queues) + ", \"iodepth\": " + std::to_string(o.iodepth) +
-       ", \"allow_write\": " + (o.allow_write ? "true" : "false") + ", \"verify\": " + (o.verify ? "true" : "false") +
-       ", \"qd_sweep\": [";
-  for (std::size_t i = 0; i < o.qd_sweep.size(); ++i) s += (i ? ", " : "") + std::to_string(o.qd_sweep[i]);
-  s += "], \"workloads\": [";
-  for (std::size_t i = 0; i < o.workloads.size(); ++i) s += (i ? ", " : "") + json_quote(o.workloads[i]);
-  s += "]},\n \"environment\": {";
-  for (std::size_t i = 0; i < r.environment.size(); ++i) {
-    s += (i ? ", " : "") + json_quote(r.environment[i].first) + ": " + json_quote(r.environment[i].second);
-  }
-  s += "},\n \"baselines\": [";
-  for (std::size_t i = 0; i < r.baselines.size(); ++i) {
-    const auto& b = r.baselines[i];
-    s += std::string(i ? "," : "") + "\n  {\"transport\": " + json_quote(b.transport) + ", \"peer\": " + json_quote(b.peer);
+  Json env = Json::object();
+  for (const auto& [k, v] : r.environment) env[k] = v;
+  Json baselines = Json::array();
+  for (const auto& b : r.baselines) {
+    Json j = {{"transport", b.transport}, {"peer", b.peer}};
     if (!b.skipped.empty()) {
-      s += ", \"skipped\": " + json_quote(b.skipped) + "}";
+      j["skipped"] = b.skipped;
     } else {
-      s += ", \"write_mb_s\": " + fmt("%.3f", b.write_mb_s) + ", \"read_mb_s\": " + fmt("%.3f", b.read_mb_s);
-      if (!b.latency_skipped.empty()) s += ", \"latency_skipped\": " + json_quote(b.latency_skipped);
-      if (b.write_lat_us >= 0) {
-        s += ", \"latency_us\": {\"size\": " + std::to_string(kLatencySize) + ", \"write\": " + fmt("%.2f", b.write_lat_us) +
-             ", \"read\": " + fmt("%.2f", b.read_lat_us) + "}";
-      }
-      s += std::string(", \"checksums_match\": ") + (b.checksums_match ? "true" : "false") + "}";
+      j["write_mb_s"] = b.write_mb_s;
+      j["read_mb_s"] = b.read_mb_s;
+      if (!b.latency_skipped.empty()) j["latency_skipped"] = b.latency_skipped;
+      if (b.write_lat_us >= 0) j["latency_us"] = {{"size", kLatencySize}, {"write", b.write_lat_us}, {"read", b.read_lat_us}};
+      j["checksums_match"] = b.checksums_match;
     }
+    baselines.push_back(j);
   }
-  s += "],\n \"cross_checks\": [";
-  for (std::size_t i = 0; i < r.cross_checks.size(); ++i) {
-    const auto& c = r.cross_checks[i];
+  Json checks = Json::array();
+  for (const auto& c : r.cross_checks) {
     const Baseline* b = baseline_for(r, c.transport);
     const double own = !b || !b->skipped.empty() ? -1 : c.direction == "write" ? b->write_mb_s : b->read_mb_s;
-    s += std::string(i ? "," : "") + "\n  {\"tool\": " + json_quote(c.tool) + ", \"transport\": " + json_quote(c.transport) +
-         ", \"direction\": " + json_quote(c.direction) + ", \"command\": " + json_quote(c.command);
-    if (!c.server_command.empty()) s += ", \"server_command\": " + json_quote(c.server_command);
+    Json j = {{"tool", c.tool}, {"transport", c.transport}, {"direction", c.direction}, {"command", c.command}};
+    if (!c.server_command.empty()) j["server_command"] = c.server_command;
     if (!c.skipped.empty()) {
-      s += ", \"skipped\": " + json_quote(c.skipped) + "}";
-      continue;
+      j["skipped"] = c.skipped;
+    } else {
+      j["mb_s"] = c.mb_s;
+      j["baseline_mb_s"] = own > 0 ? Json(own) : Json(nullptr);
+      j["baseline_ratio"] = own > 0 ? Json(own / c.mb_s) : Json(nullptr);
     }
-    s += ", \"mb_s\": " + fmt("%.3f", c.mb_s) + ", \"baseline_mb_s\": " + (own > 0 ? fmt("%.3f", own) : "null") +
-         ", \"baseline_ratio\": " + (own > 0 ? fmt("%.4f", own / c.mb_s) : "null") + "}";
+    checks.push_back(j);
   }
-  s += "],\n \"transports\": [";
-  for (std::size_t i = 0; i < r.transports.size(); ++i) {
-    const auto& t = r.transports[i];
-    s += std::string(i ? "," : "") + "\n  {\"name\": " + json_quote(t.name);
+  Json transports = Json::array();
+  for (const auto& t : r.transports) {
+    Json j = {{"name", t.name}};
     if (!t.skipped.empty()) {
-      s += ", \"skipped\": " + json_quote(t.skipped) + "}";
+      j["skipped"] = t.skipped;
+      transports.push_back(j);
       continue;
     }
-    s += ", \"server_cpu\": " + json_quote(t.server_cpu);
-    s += ", \"queues\": " + std::to_string(t.queues) + ", \"queue_depth\": " + std::to_string(t.queue_depth) +
-         ", \"export_size\": " + std::to_string(t.export_size) + ", \"used_size\": " + std::to_string(t.used_size) +
-         ",\n   \"workloads\": [";
-    for (std::size_t j = 0; j < t.workloads.size(); ++j) s += (j ? ",\n    " : "\n    ") + workload_json(t.workloads[j]);
-    s += "],\n   \"qd_sweep\": [";
-    for (std::size_t j = 0; j < t.sweep.size(); ++j) s += (j ? ",\n    " : "\n    ") + workload_json(t.sweep[j]);
-    s += "]";
+    j["server_cpu"] = t.server_cpu;
+    j["queues"] = t.queues;
+    j["queue_depth"] = t.queue_depth;
+    j["export_size"] = t.export_size;
+    j["used_size"] = t.used_size;
+    j["workloads"] = Json::array();
+    for (const auto& w : t.workloads) j["workloads"].push_back(workload_json(w));
+    j["qd_sweep"] = Json::array();
+    for (const auto& w : t.sweep) j["qd_sweep"].push_back(workload_json(w));
     if (t.verify.ran) {
-      s += ",\n   \"verify\": {\"bytes\": " + std::to_string(t.verify.bytes) + ", \"blocks\": " +
-           std::to_string(t.verify.blocks) + ", \"bad_blocks\": " + std::to_string(t.verify.bad_blocks) +
-           ", \"first_bad_offset\": " + (t.verify.bad_blocks ? std::to_string(t.verify.first_bad_offset) : "null") +
-           ", \"error\": " + (t.verify.error.empty() ? "null" : json_quote(t.verify.error)) +
-           ", \"ok\": " + (t.verify.ok() ? "true" : "false") + "}";
+      j["verify"] = {{"bytes", t.verify.bytes},
+                     {"blocks", t.verify.blocks},
+                     {"bad_blocks", t.verify.bad_blocks},
+                     {"first_bad_offset", t.verify.bad_blocks ? Json(t.verify.first_bad_offset) : Json(nullptr)},
+                     {"error", t.verify.error.empty() ? Json(nullptr) : Json(t.verify.error)},
+                     {"ok", t.verify.ok()}};
     }
-    s += "}";
+    transports.push_back(j);
   }
-  s += "],\n \"ok\": " + std::string(r.ok() ? "true" : "false") + "}\n";
-  return s;
+  return json_document({{"mode", "remote"},
+                        {"target", o.host + ":" + std::to_string(o.port) + "/" + o.export_name},
+                        {"options",
+                         {{"runtime_s", o.runtime_s},
+                          {"size", o.size},
+                          {"queues", o.queues},
+                          {"iodepth", o.iodepth},
+                          {"allow_write", o.allow_write},
+                          {"verify", o.verify},
+                          {"qd_sweep", o.qd_sweep},
+                          {"workloads", o.workloads}}},
+                        {"environment", env},
+                        {"baselines", baselines},
+                        {"cross_checks", checks},
+                        {"transports", transports},
+                        {"ok", r.ok()}});
 }
 
 std::string remote_text(const RemoteReport& r) {
@@ -864,6 +920,14 @@ std::string remote_text(const RemoteReport& r) {
     };
     for (const auto& w : t.workloads) row(w, w.name);
     for (const auto& w : t.sweep) row(w, "sweep");
+    std::string refs;
+    for (const auto* list : {&t.workloads, &t.sweep}) {
+      for (const auto& w : *list) {
+        const std::string ref = std::string(is_write(w.pattern) ? "write" : "read") + " against " + w.link_reference;
+        if (!w.link_reference.empty() && refs.find(ref) == std::string::npos) refs += (refs.empty() ? "" : ", ") + ref;
+      }
+    }
+    if (!refs.empty()) s += t.name + ": % of link: " + refs + "\n";
     if (t.verify.ran) {
       if (t.verify.ok()) {
         s += t.name + ": verify: " + std::to_string(t.verify.blocks) + " blocks (" + std::to_string(t.verify.bytes) +
@@ -888,7 +952,8 @@ const char* kColors[] = {"#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"};
 
 // Grouped bar chart: one group per label, one bar per series; log scale when asked.
 std::string bar_chart(const std::string& title, const std::string& unit, const std::vector<std::string>& groups,
-                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values, bool log) {
+                      const std::vector<std::string>& series, const std::vector<std::vector<double>>& values, bool log,
+                      const std::string& x_label = "workload") {
   const double w = 1100, h = 380, left = 70, bottom = 60, top = 40, right = 160;
   double vmax = 0, vmin = 1e300;
   for (const auto& row : values) {
@@ -897,9 +962,14 @@ std::string bar_chart(const std::string& title, const std::string& unit, const s
     }
   }
   if (vmax <= 0) vmax = 1, vmin = 1;
-  double lo = 0, hi = vmax * 1.1;
+  // Ticks a reader can use: 1, 2 or 5 x 10^k apart on a linear axis, every decade on a log one.
+  const double raw_step = vmax * 1.05 / 5;
+  const double mag = std::pow(10, std::floor(std::log10(raw_step)));
+  const double step = raw_step / mag <= 1 ? mag : raw_step / mag <= 2 ? 2 * mag : raw_step / mag <= 5 ? 5 * mag : 10 * mag;
+  double lo = 0, hi = std::ceil(vmax * 1.05 / step) * step;
   if (log) lo = std::floor(std::log10(vmin)), hi = std::ceil(std::log10(vmax * 1.01));
   if (log && hi <= lo) hi = lo + 1;
+  const int ticks = log ? static_cast<int>(hi - lo) : static_cast<int>(std::lround(hi / step));
   const auto ypos = [&](double v) {
     const double f = log ? (v > 0 ? (std::log10(v) - lo) / (hi - lo) : 0) : v / hi;
     return top + (h - top - bottom) * (1 - std::clamp(f, 0.0, 1.0));
@@ -907,16 +977,18 @@ std::string bar_chart(const std::string& title, const std::string& unit, const s
   std::string s = "<svg xmlns='http://www.w3.org/2000/svg' width='" + fmt("%.0f", w) + "' height='" + fmt("%.0f", h) +
                   "' font-family='sans-serif' font-size='12'>";
   s += "<text x='" + fmt("%.0f", w / 2) + "' y='20' text-anchor='middle' font-size='15'>" + html_escape(title) + "</text>";
-  for (int i = 0; i <= 4; ++i) {
-    const double v = log ? std::pow(10, lo + (hi - lo) * i / 4) : hi * i / 4;
+  for (int i = 0; i <= ticks; ++i) {
+    const double v = log ? std::pow(10, lo + i) : step * i;
     const double y = ypos(v);
     s += "<line x1='" + fmt("%.0f", left) + "' x2='" + fmt("%.0f", w - right) + "' y1='" + fmt("%.1f", y) + "' y2='" +
          fmt("%.1f", y) + "' stroke='#ddd'/>";
     s += "<text x='" + fmt("%.0f", left - 5) + "' y='" + fmt("%.1f", y + 4) + "' text-anchor='end'>" +
-         fmt(v >= 100 ? "%.0f" : "%.3g", v) + "</text>";
+         fmt(v >= 100 || v == std::floor(v) ? "%.0f" : "%g", v) + "</text>";
   }
   s += "<text x='15' y='" + fmt("%.0f", h / 2) + "' transform='rotate(-90 15 " + fmt("%.0f", h / 2) +
        ")' text-anchor='middle'>" + html_escape(unit) + "</text>";
+  s += "<text x='" + fmt("%.0f", left + (w - left - right) / 2) + "' y='" + fmt("%.0f", h - 12) +
+       "' text-anchor='middle' fill='#555'>" + html_escape(x_label) + "</text>";
   const double gw = (w - left - right) / std::max<std::size_t>(1, groups.size());
   const double bw = gw * 0.8 / std::max<std::size_t>(1, series.size());
   for (std::size_t g = 0; g < groups.size(); ++g) {
@@ -977,7 +1049,7 @@ std::string remote_html(const RemoteReport& r) {
   }
   s += bar_chart("Throughput by workload and transport", "MB/s", groups, series, mbs, false) + "\n";
   std::vector<std::string> tseries(series.begin(), series.begin() + static_cast<long>(iops.empty() ? 0 : iops[0].size()));
-  s += bar_chart("IOPS by workload and transport", "IOPS", groups, tseries, iops, true) + "\n";
+  s += bar_chart("IOPS by workload and transport", "IOPS (log scale)", groups, tseries, iops, true) + "\n";
 
   std::vector<std::string> lgroups, lseries = {"min", "p50", "p99", "p99.9", "max"};
   std::vector<std::vector<double>> lat;
@@ -988,7 +1060,7 @@ std::string remote_html(const RemoteReport& r) {
       lat.push_back({w.latency.min_us, w.latency.p50_us, w.latency.p99_us, w.latency.p999_us, w.latency.max_us});
     }
   }
-  s += bar_chart("Latency percentiles", "microseconds (log scale)", lgroups, lseries, lat, true) + "\n";
+  s += bar_chart("Latency percentiles", "microseconds (log scale)", lgroups, lseries, lat, true, "transport and workload") + "\n";
 
   std::vector<std::string> sgroups, sseries;
   for (const unsigned qd : r.options.qd_sweep) sgroups.push_back("qd " + std::to_string(qd));
@@ -998,7 +1070,7 @@ std::string remote_html(const RemoteReport& r) {
     sseries.push_back(t.name + " IOPS");
     for (std::size_t i = 0; i < sgroups.size(); ++i) sweep[i].push_back(i < t.sweep.size() ? t.sweep[i].iops : 0);
   }
-  s += bar_chart("Queue-depth sweep: 4 KiB random reads", "IOPS", sgroups, sseries, sweep, false) + "\n";
+  s += bar_chart("Queue-depth sweep: 4 KiB random reads", "IOPS", sgroups, sseries, sweep, false, "requests in flight") + "\n";
 
   s += "<h2>Results</h2><table><tr><th>transport</th><th>workload</th><th>bs</th><th>in flight</th><th>MB/s</th>"
        "<th>IOPS</th><th>min us</th><th>p50 us</th><th>p99 us</th><th>p99.9 us</th><th>max us</th><th>client CPU %</th>"
@@ -1022,7 +1094,8 @@ std::string remote_html(const RemoteReport& r) {
            fmt("%.1f", w.latency.p999_us) + "</td><td>" + fmt("%.1f", w.latency.max_us) + "</td><td>" +
            fmt("%.0f", w.client_cpu_percent) + "</td><td>" +
            (w.server_cpu_percent < 0 ? std::string("-") : fmt("%.0f", w.server_cpu_percent)) + "</td><td>" +
-           pct(w.link_fraction) + "</td></tr>\n";
+           pct(w.link_fraction) + (w.link_reference.empty() ? "" : " <small>(" + html_escape(w.link_reference) + ")</small>") +
+           "</td></tr>\n";
     };
     for (const auto& w : t.workloads) row(w, w.name);
     for (const auto& w : t.sweep) row(w, "sweep randread");

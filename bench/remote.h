@@ -52,7 +52,8 @@ struct WorkloadResult {
   LatencySummary latency;
   double client_cpu_percent = 0;   // user+sys of the bench thread, % of one core
   double server_cpu_percent = -1;  // of the target process (% of one core); -1 = not measured
-  double link_fraction = -1;       // mb_s / the link baseline in the same direction; -1 = none
+  double link_fraction = -1;       // mb_s / the link reference in the same direction; -1 = none
+  std::string link_reference;      // what that was measured with: "iperf3", "ib_read_bw", ... or "self-test"
   std::string skipped;             // why it did not run, when it did not
 };
 

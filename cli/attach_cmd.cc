@@ -7,12 +7,16 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <iostream>
 #include <sstream>
 #include <thread>
+
+#include <systemd/sd-daemon.h>
 
 #include "cli/commands.h"
 #include "cli/format.h"
 #include "common/json.h"
+#include "common/auth.h"
 #include "common/error.h"
 #include "initiator/attach.h"
 
@@ -39,11 +43,13 @@ AttachOptions to_options(const AttachArgs& a) {
   AttachOptions o;
   initiator::RemoteName r;
   if (!initiator::parse_remote(a.remote, &r)) {
-    throw std::invalid_argument("'" + a.remote + "': expected HOST[:PORT]/EXPORT, e.g. 10.30.0.1/vm1");
+    throw UsageError("'" + a.remote + "': expected HOST[:PORT]/EXPORT, e.g. 10.30.0.1/vm1");
   }
   o.client.host = r.host;
   o.client.port = r.port;
   o.client.key_file = a.key_file;
+  // A missing key here needs a copy of the target's, not a new one: say so before connecting.
+  if (!a.key_file.empty()) load_key_file(a.key_file, KeyUser::kInitiator);
   o.client.queues = a.queues;
   o.client.timeout = std::chrono::milliseconds(static_cast<long>(a.timeout_s * 1000));
   char name[256] = {};
@@ -51,7 +57,7 @@ AttachOptions to_options(const AttachArgs& a) {
   o.client.client_name = name;
   o.export_name = r.export_name;
   o.read_only = a.read_only;
-  o.client.transport = a.transport;
+  o.client.transport = a.transport;  // long-lived: it may move to RDMA later, so "auto" stays
   if (!a.device.empty()) {
     o.device_index = initiator::parse_nbd_device(a.device);
     if (o.device_index < 0) throw std::invalid_argument("--device '" + a.device + "': expected /dev/nbdN");
@@ -84,6 +90,8 @@ int run_attach_cmd(AttachArgs& a) {
     o.on_ready = [](const std::string& dev) {
       std::printf("%s\n", dev.c_str());
       std::fflush(stdout);
+      // Type=notify: mounts that require this unit wait until the device exists.
+      sd_notifyf(0, "READY=1\nSTATUS=serving %s", dev.c_str());
     };
     return initiator::run_attach(o);
   }
@@ -118,8 +126,8 @@ int run_attach_cmd(AttachArgs& a) {
   try {
     ::_exit(initiator::run_attach(o));
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "ibdisk: %s\n", e.what());
-    ::_exit(2);
+    std::fprintf(stderr, "ibdisk attach: %s\n", e.what());
+    ::_exit(kExitFailure);
   }
 }
 
@@ -200,18 +208,22 @@ struct ListArgs {
 int run_list(ListArgs& a) {
   const auto all = initiator::list_attachments(a.state_dir);
   if (a.json) {
-    std::printf("[");
-    for (std::size_t i = 0; i < all.size(); ++i) {
-      const auto& s = all[i];
-      std::printf("%s{\"device\": %s, \"target\": %s, \"export\": %s, \"transport\": %s, \"kernel\": %s, \"queues\": %u, "
-                  "\"size\": %llu, \"read_only\": %s, \"state\": %s, \"since\": %s, \"reconnects\": %llu, \"pid\": %d}",
-                  i ? ", " : "", json_quote(s.device).c_str(), json_quote(s.target).c_str(), json_quote(s.export_name).c_str(),
-                  json_quote(s.transport).c_str(), json_quote(s.kernel).c_str(), s.queues,
-                  static_cast<unsigned long long>(s.size), s.read_only ? "true" : "false",
-                  json_quote(s.alive ? s.state : "dead").c_str(), json_quote(s.since).c_str(),
-                  static_cast<unsigned long long>(s.reconnects), s.pid);
+    Json devices = Json::array();
+    for (const auto& s : all) {
+      devices.push_back({{"device", s.device},
+                         {"target", s.target},
+                         {"export", s.export_name},
+                         {"transport", s.transport},
+                         {"kernel", s.kernel},
+                         {"queues", s.queues},
+                         {"size", s.size},
+                         {"read_only", s.read_only},
+                         {"state", s.alive ? s.state : "dead"},
+                         {"since", s.since},
+                         {"reconnects", s.reconnects},
+                         {"pid", s.pid}});
     }
-    std::printf("]\n");
+    std::cout << json_document({{"devices", devices}});
     return 0;
   }
   if (all.empty()) {

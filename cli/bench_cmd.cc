@@ -197,9 +197,22 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   // Each mode is one branch here; --local is the storage engine alone.
-  on_run(sub, [args] {
+  on_run(sub, [args, sub] {
     if (!args->local.path.empty() && !args->target.empty()) {
-      throw SystemError("ibdisk bench", std::string("both --local PATH and HOST/EXPORT given"), "give one of them");
+      throw UsageError("both --local PATH and HOST/EXPORT given: give one of them");
+    }
+    // An option of the other mode would be silently ignored: refuse it instead.
+    const bool local = !args->local.path.empty();
+    const std::vector<std::string> others =
+        local ? std::vector<std::string>{"--transports", "--queues", "--workloads", "--qd-sweep", "--allow-write", "--verify",
+                                         "--html", "--baseline-peer", "--no-baselines", "--cross-check",
+                                         "--cross-check-iterations", "--server-pid", "--key-file", "--timeout"}
+              : std::vector<std::string>{"--rw", "--bs", "--direct", "--fixed-buffers", "--force"};
+    for (const auto& name : others) {
+      if (sub->count(name) > 0) {
+        throw UsageError(name + " is for " + (local ? "the network mode (HOST/EXPORT)" : "--local PATH") + ", not " +
+                         (local ? "--local PATH" : "the network mode"));
+      }
     }
     if (!args->local.path.empty()) return run_local(*args);
     if (!args->target.empty()) return run_remote(*args);

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <iostream>
 #include <memory>
@@ -13,6 +14,7 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "cli/transport_choice.h"
 #include "common/json.h"
 #include "common/auth.h"
 #include "common/checksum.h"
@@ -43,12 +45,14 @@ void add_common(CLI::App* sub, Common& c, bool json) {
 }
 
 ClientOptions options_for(const std::string& host, std::uint16_t port, const Common& c) {
+  // A missing key here needs a copy of the target's, not a new one: say so before connecting.
+  if (!c.key_file.empty()) load_key_file(c.key_file, KeyUser::kInitiator);
   ClientOptions o;
   o.host = host;
   o.port = port;
   o.key_file = c.key_file;
   o.timeout = std::chrono::milliseconds(static_cast<long>(c.timeout_s * 1000));
-  o.transport = c.transport;
+  o.transport = choose_transport(c.transport);
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   o.client_name = name;
@@ -62,12 +66,26 @@ std::string flags_of(const proto::ExportInfo& e) {
   return f;
 }
 
-void print_export_json(const proto::ExportInfo& e) {
-  std::printf("{\"name\": %s, \"size\": %llu, \"block_size\": %u, \"read_only\": %s, \"shared\": %s, \"trim\": %s, "
-              "\"readers\": %u, \"writers\": %u}",
-              json_quote(e.name()).c_str(), static_cast<unsigned long long>(e.size()), e.block_size(),
-              e.read_only() ? "true" : "false", e.shared() ? "true" : "false", e.trim() ? "true" : "false", e.readers(),
-              e.writers());
+Json export_json(const proto::ExportInfo& e) {
+  return {{"name", e.name()},       {"size", e.size()},         {"block_size", e.block_size()},
+          {"read_only", e.read_only()}, {"shared", e.shared()}, {"trim", e.trim()},
+          {"readers", e.readers()}, {"writers", e.writers()}};
+}
+
+Json target_json(const std::string& host, std::uint16_t port) {
+  return {{"host", host}, {"port", port}, {"address", host_port(host, port)}};
+}
+
+// HOST[:PORT], with or without ibdisk:// and a trailing slash (as `info` takes them).
+void parse_target(const std::string& text, std::string* host, std::uint16_t* port) {
+  std::string t = text;
+  if (t.rfind("ibdisk://", 0) == 0) t = t.substr(9);
+  if (!t.empty() && t.back() == '/') t.pop_back();
+  if (t.find('/') != std::string::npos) {
+    throw UsageError("'" + text + "': expected HOST[:PORT] (the exports are listed by `ibdisk ls HOST`; one of them is "
+                     "`ibdisk info HOST/EXPORT`)");
+  }
+  initiator::parse_host_port(t, host, port);
 }
 
 struct HostArgs {
@@ -78,20 +96,16 @@ struct HostArgs {
 int run_ls(HostArgs& a) {
   std::string host;
   std::uint16_t port = initiator::kDefaultPort;
-  initiator::parse_host_port(a.target, &host, &port);
+  parse_target(a.target, &host, &port);
   auto client = Client::connect(options_for(host, port, a.c));
   const auto exports = client->list_exports();
   if (a.c.json) {
-    std::printf("{\"target\": %s, \"transport\": %s, \"exports\": [", json_quote(host + ":" + std::to_string(port)).c_str(),
-                json_quote(client->transport(0)).c_str());
-    for (std::size_t i = 0; i < exports.size(); ++i) {
-      if (i) std::printf(", ");
-      print_export_json(exports[i]);
-    }
-    std::printf("]}\n");
+    Json list = Json::array();
+    for (const auto& e : exports) list.push_back(export_json(e));
+    std::cout << json_document({{"target", target_json(host, port)}, {"transport", client->transport(0)}, {"exports", list}});
     return 0;
   }
-  std::printf("target %s:%u, transport %s\n", host.c_str(), port, client->transport(0).c_str());
+  std::printf("target %s, transport %s\n", host_port(host, port).c_str(), client->transport(0).c_str());
   std::printf("%-20s %12s %6s  %-22s %s\n", "EXPORT", "SIZE", "BLOCK", "FLAGS", "OPEN (readers/writers)");
   for (const auto& e : exports) {
     std::printf("%-20s %12s %6u  %-22s %u/%u\n", e.name().c_str(), human_bytes(e.size()).c_str(), e.block_size(),
@@ -110,13 +124,13 @@ int run_info(HostArgs& a) {
   for (const auto& e : client->list_exports()) {
     if (e.name() != r.export_name) continue;
     if (a.c.json) {
-      print_export_json(e);
-      std::printf("\n");
+      std::cout << json_document(
+          {{"target", target_json(r.host, r.port)}, {"transport", client->transport(0)}, {"export", export_json(e)}});
       return 0;
     }
-    std::printf("export:      %s\ntarget:      %s:%u\ntransport:   %s\nsize:        %s (%llu bytes)\nblock size:  %u\n"
+    std::printf("export:      %s\ntarget:      %s\ntransport:   %s\nsize:        %s (%llu bytes)\nblock size:  %u\n"
                 "access:      %s\nwriters:     %s\ntrim:        %s\nopen now:    %u reader(s), %u writer(s)\n",
-                e.name().c_str(), r.host.c_str(), r.port, client->transport(0).c_str(), human_bytes(e.size()).c_str(),
+                e.name().c_str(), host_port(r.host, r.port).c_str(), client->transport(0).c_str(), human_bytes(e.size()).c_str(),
                 static_cast<unsigned long long>(e.size()), e.block_size(), e.read_only() ? "read-only" : "read-write",
                 e.shared() ? "shared" : "exclusive (one at a time)", e.trim() ? "yes" : "no", e.readers(), e.writers());
     return 0;
@@ -130,31 +144,40 @@ int run_info(HostArgs& a) {
 int run_stats(HostArgs& a) {
   std::string host;
   std::uint16_t port = initiator::kDefaultPort;
-  initiator::parse_host_port(a.target, &host, &port);
+  parse_target(a.target, &host, &port);
   auto client = Client::connect(options_for(host, port, a.c));
   const proto::Stats s = client->stats();
   if (a.c.json) {
-    std::printf("{\"uptime_seconds\": %llu, \"rejected_connections\": %llu, \"protocol_errors\": %llu, \"sessions\": [",
-                static_cast<unsigned long long>(s.uptime_seconds()), static_cast<unsigned long long>(s.rejected_connections()),
-                static_cast<unsigned long long>(s.protocol_errors()));
-    for (int i = 0; i < s.sessions_size(); ++i) {
-      const auto& x = s.sessions(i);
-      std::string transports, exports;
-      for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ", ") + json_quote(t);
-      for (const auto& e : x.exports()) exports += (exports.empty() ? "" : ", ") + json_quote(e);
-      std::printf("%s{\"id\": \"%016llx\", \"client\": %s, \"name\": %s, \"transports\": [%s], \"exports\": [%s], "
-                  "\"reads\": %llu, \"writes\": %llu, \"bytes_read\": %llu, \"bytes_written\": %llu, \"errors\": %llu}",
-                  i ? ", " : "", static_cast<unsigned long long>(x.session_id()), json_quote(x.client()).c_str(),
-                  json_quote(x.client_name()).c_str(), transports.c_str(), exports.c_str(),
-                  static_cast<unsigned long long>(x.reads()), static_cast<unsigned long long>(x.writes()),
-                  static_cast<unsigned long long>(x.bytes_read()), static_cast<unsigned long long>(x.bytes_written()),
-                  static_cast<unsigned long long>(x.errors()));
+    Json sessions = Json::array();
+    for (const auto& x : s.sessions()) {
+      Json exports = Json::array();
+      // The target names each open export "NAME" or "NAME (ro)"; names have no spaces.
+      for (const auto& e : x.exports()) {
+        const auto sp = e.find(' ');
+        exports.push_back({{"name", e.substr(0, sp)}, {"read_only", sp != std::string::npos}});
+      }
+      char id[17];
+      std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(x.session_id()));
+      sessions.push_back({{"id", id},
+                          {"client", x.client()},
+                          {"name", x.client_name()},
+                          {"transports", Json(std::vector<std::string>(x.transports().begin(), x.transports().end()))},
+                          {"exports", exports},
+                          {"reads", x.reads()},
+                          {"writes", x.writes()},
+                          {"bytes_read", x.bytes_read()},
+                          {"bytes_written", x.bytes_written()},
+                          {"errors", x.errors()}});
     }
-    std::printf("]}\n");
+    std::cout << json_document({{"target", target_json(host, port)},
+                                {"uptime_seconds", s.uptime_seconds()},
+                                {"rejected_connections", s.rejected_connections()},
+                                {"protocol_errors", s.protocol_errors()},
+                                {"sessions", sessions}});
     return 0;
   }
-  std::printf("target %s:%u: up %llus, %d session(s), %llu rejected connection(s), %llu protocol error(s)\n", host.c_str(),
-              port, static_cast<unsigned long long>(s.uptime_seconds()), s.sessions_size(),
+  std::printf("target %s: up %llus, %d session(s), %llu rejected connection(s), %llu protocol error(s)\n",
+              host_port(host, port).c_str(), static_cast<unsigned long long>(s.uptime_seconds()), s.sessions_size(),
               static_cast<unsigned long long>(s.rejected_connections()), static_cast<unsigned long long>(s.protocol_errors()));
   std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6s\n", "SESSION", "CLIENT", "NAME", "TRANSPORTS", "EXPORTS", "READ",
               "WRITTEN", "ERRORS");
@@ -206,20 +229,74 @@ std::string local_sha256(int fd, std::uint64_t size) {
   return to_hex(d);
 }
 
+// Whether one side of a copy names an export: ibdisk://... always; HOST/EXPORT unless a local
+// path of that name exists or its first folder does (backups/x.img); "-" is stdin/stdout.
+bool names_export(const std::string& text, initiator::RemoteName* r) {
+  if (text == "-" || !initiator::parse_remote(text, r)) return false;
+  if (text.rfind("ibdisk://", 0) == 0) return true;
+  if (::access(text.c_str(), F_OK) == 0) return false;
+  struct stat st{};
+  const std::string first = text.substr(0, text.find('/'));
+  return !(::stat(first.c_str(), &st) == 0 && S_ISDIR(st.st_mode));
+}
+
+// A download into a pipe: reads in order, a window of requests at a time, written in order.
+initiator::CopyResult stream_download(Client& client, std::uint32_t handle, std::uint64_t size, int fd,
+                                      std::uint32_t block, const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
+  const auto start = std::chrono::steady_clock::now();
+  const unsigned window = client.queue_count() * client.queue_depth(0);
+  std::vector<std::byte> buf(static_cast<std::size_t>(window) * block);
+  std::uint64_t off = 0;
+  while (off < size) {
+    unsigned issued = 0, done = 0;
+    int failed = 0;
+    for (std::uint64_t o = off; issued < window && o < size; ++issued, o += block) {
+      const auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(block, size - o));
+      client.read(issued % client.queue_count(), handle, o, len, buf.data() + std::size_t{issued} * block,
+                  [&](int st) {
+                    if (st < 0 && !failed) failed = st;
+                    ++done;
+                  });
+    }
+    client.run_until([&] { return done == issued; });
+    if (failed) throw SystemError("reading the export at offset " + std::to_string(off), -failed);
+    const std::uint64_t n = std::min<std::uint64_t>(std::uint64_t{issued} * block, size - off);
+    for (std::uint64_t w = 0; w < n;) {
+      const ssize_t k = ::write(fd, buf.data() + w, n - w);
+      if (k < 0 && errno == EINTR) continue;
+      if (k <= 0) throw SystemError("writing to standard output", k < 0 ? errno : EIO);
+      w += static_cast<std::uint64_t>(k);
+    }
+    off += n;
+    if (progress) progress(off, size);
+  }
+  initiator::CopyResult r;
+  r.bytes = size;
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  return r;
+}
+
 int run_copy(CopyArgs& a) {
   initiator::RemoteName src_remote, dst_remote;
-  const bool src_is_remote = initiator::parse_remote(a.src, &src_remote) && ::access(a.src.c_str(), F_OK) != 0;
-  const bool dst_is_remote = initiator::parse_remote(a.dst, &dst_remote) && ::access(a.dst.c_str(), F_OK) != 0;
+  const bool src_is_remote = names_export(a.src, &src_remote);
+  const bool dst_is_remote = names_export(a.dst, &dst_remote);
   if (src_is_remote == dst_is_remote) {
-    throw std::invalid_argument("copy needs one side HOST[:PORT]/EXPORT and the other a local file or device (got '" +
-                                a.src + "' and '" + a.dst + "'); write ibdisk://HOST/EXPORT if a local path looks remote");
+    throw UsageError("copy needs one side HOST[:PORT]/EXPORT and the other a local file, a device or - (got '" + a.src +
+                     "' and '" + a.dst + "'); write ibdisk://HOST/EXPORT if a local path looks remote, ./PATH if a "
+                     "remote name looks local");
   }
+  if (a.src == "-") throw UsageError("copy - HOST/EXPORT: an upload needs a file or device it can size; give its path");
+  const bool to_stdout = a.dst == "-";
+  if (to_stdout && a.verify) throw UsageError("--verify cannot read standard output back: give a file or device");
+  if (to_stdout && a.c.json) throw UsageError("--json and destination - both write standard output: choose one");
+  // With data or JSON on stdout, the human lines go to stderr.
+  FILE* const out = to_stdout || a.c.json ? stderr : stdout;
   const initiator::RemoteName& r = src_is_remote ? src_remote : dst_remote;
   ClientOptions o = options_for(r.host, r.port, a.c);
   o.queue_depth = a.depth;
   // One Client per thread, all in one session: the first opens the export, the others join
   // and share its handle. The queues are dealt out to them as evenly as they go.
-  const unsigned lanes = std::clamp(a.threads ? a.threads : a.queues, 1u, a.queues);
+  const unsigned lanes = to_stdout ? 1 : std::clamp(a.threads ? a.threads : a.queues, 1u, a.queues);
   std::vector<std::unique_ptr<Client>> clients;
   for (unsigned i = 0; i < lanes; ++i) {
     o.queues = a.queues / lanes + (i < a.queues % lanes ? 1 : 0);
@@ -237,13 +314,17 @@ int run_copy(CopyArgs& a) {
 
   initiator::CopyOptions copts;
   copts.block_size = a.block;
-  Progress progress(src_is_remote ? "download" : "upload", !a.no_progress);
+  Progress progress(src_is_remote ? "download" : "upload", !a.no_progress && !a.c.json);
   copts.progress = [&progress](std::uint64_t done, std::uint64_t total) { progress.update(done, total); };
 
   initiator::CopyResult result;
   std::uint64_t size = export_size;
   int fd = -1;
-  if (src_is_remote) {
+  if (to_stdout) {
+    fd = ::dup(STDOUT_FILENO);
+    if (fd < 0) throw SystemError("dup(stdout)", errno);
+    result = stream_download(*client, opened.handle(), size, fd, a.block, copts.progress);
+  } else if (src_is_remote) {
     fd = ::open(a.dst.c_str(), (a.verify ? O_RDWR : O_WRONLY) | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) throw SystemError("opening destination " + a.dst, errno);
     struct stat st{};
@@ -251,7 +332,7 @@ int run_copy(CopyArgs& a) {
     const bool regular = S_ISREG(st.st_mode);
     if (a.verify && !regular && !S_ISBLK(st.st_mode)) {
       ::close(fd);
-      throw std::invalid_argument("--verify needs a destination that can be read back (" + a.dst + " is not a file or disk)");
+      throw UsageError("--verify needs a destination that can be read back (" + a.dst + " is not a file or disk)");
     }
     result = initiator::download(lane_clients, opened.handle(), size, fd, regular, copts);
   } else {
@@ -274,18 +355,40 @@ int run_copy(CopyArgs& a) {
   }
   progress.finish();
   const double mib_s = result.seconds > 0 ? static_cast<double>(result.bytes) / (1 << 20) / result.seconds : 0;
-  std::printf("copied %s in %.2fs (%.1f MiB/s) over %s, %u queue(s) x depth %u, %u thread(s)\n",
-              human_bytes(result.bytes).c_str(), result.seconds, mib_s, client->transport(0).c_str(), a.queues,
-              client->queue_depth(0), lanes);
+  if (!a.c.json) {
+    std::fprintf(out, "copied %s in %.2fs (%.1f MiB/s) over %s, %u queue(s) x depth %u, %u thread(s)\n",
+                 human_bytes(result.bytes).c_str(), result.seconds, mib_s, client->transport(0).c_str(), a.queues,
+                 client->queue_depth(0), lanes);
+  }
+  Json verify = nullptr;
   int rc = 0;
   if (a.verify) {
     const std::string remote = initiator::remote_sha256(lane_clients, opened.handle(), size, copts);
     const std::string local = local_sha256(fd, size);
-    std::printf("verify: export sha256 %s\n        local  sha256 %s\n        %s\n", remote.c_str(), local.c_str(),
-                remote == local ? "match" : "MISMATCH");
+    if (!a.c.json) {
+      std::printf("verify: export sha256 %s\n        local  sha256 %s\n        %s\n", remote.c_str(), local.c_str(),
+                  remote == local ? "match" : "MISMATCH");
+    }
+    verify = {{"export_sha256", remote}, {"local_sha256", local}, {"match", remote == local}};
     rc = remote == local ? 0 : 1;
   }
   ::close(fd);
+  if (a.c.json) {
+    std::cout << json_document({{"source", a.src},
+                                {"destination", a.dst},
+                                {"direction", src_is_remote ? "download" : "upload"},
+                                {"target", target_json(r.host, r.port)},
+                                {"export", r.export_name},
+                                {"bytes", result.bytes},
+                                {"skipped_zero_bytes", result.skipped_zero_bytes},
+                                {"seconds", result.seconds},
+                                {"mib_per_second", mib_s},
+                                {"transport", client->transport(0)},
+                                {"queues", a.queues},
+                                {"queue_depth", client->queue_depth(0)},
+                                {"threads", lanes},
+                                {"verify", verify}});
+  }
   return rc;
 }
 
@@ -295,7 +398,8 @@ void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
   {
     auto a = std::make_shared<HostArgs>();
     auto* sub = app.add_subcommand("ls", "List a target's exports: size, block size, flags, who has them open.");
-    sub->add_option("target", a->target, "HOST[:PORT] of an `ibdisk serve` (port 7420 by default)")->required();
+    sub->add_option("target", a->target, "HOST[:PORT] or ibdisk://HOST[:PORT] of an `ibdisk serve` (port 7420 by default; "
+                    "[IPv6]:PORT)")->required();
     add_common(sub, a->c, true);
     on_run(sub, [a] { return run_ls(*a); });
   }
@@ -319,19 +423,23 @@ void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
         "copy",
         "Copy an export to a local file or device, or a local file to an export.\n"
         "  ibdisk copy 10.30.0.1/vm1 vm1.img        download (the file stays sparse)\n"
-        "  ibdisk copy vm1.img 10.30.0.1/vm1        upload, then flush");
+        "  ibdisk copy vm1.img 10.30.0.1/vm1        upload, then flush\n"
+        "  ibdisk copy 10.30.0.1/vm1 - | gzip > vm1.img.gz   to standard output\n"
+        "A side is the export unless a local path of that name, or its first folder, exists; write\n"
+        "ibdisk://HOST/EXPORT to force it.");
     sub->add_option("source", a->src, "HOST[:PORT]/EXPORT or a local path")->required();
-    sub->add_option("destination", a->dst, "a local path or HOST[:PORT]/EXPORT")->required();
+    sub->add_option("destination", a->dst, "a local path, - for standard output, or HOST[:PORT]/EXPORT")->required();
     sub->add_option("--queues", a->queues, "connections to use")->capture_default_str()->check(CLI::Range(1u, 64u));
     sub->add_option("--queue-depth", a->depth, "requests in flight per queue")->capture_default_str()->check(CLI::Range(1u, 256u));
     sub->add_option("--threads", a->threads, "threads driving the queues (default: one per queue)")
         ->check(CLI::Range(1u, 64u));
-    sub->add_option("--block-size", a->block, "bytes per request")
+    sub->add_option("--block-size", a->block, "bytes per request; K, M suffixes are powers of 1024 (64K, 1M)")
         ->capture_default_str()
+        ->transform(size_transform(1))
         ->check(CLI::Range(std::uint32_t{4096}, wire::kMaxIoSize));
     sub->add_flag("--verify", a->verify, "afterwards, compare SHA-256 of both sides");
     sub->add_flag("--no-progress", a->no_progress, "no progress bar");
-    add_common(sub, a->c, false);
+    add_common(sub, a->c, true);
     on_run(sub, [a] { return run_copy(*a); });
   }
   {

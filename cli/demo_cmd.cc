@@ -6,6 +6,7 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <iostream>
 #include <thread>
 #include <vector>
 
@@ -13,6 +14,7 @@
 #include "cli/format.h"
 #include "common/checksum.h"
 #include "common/error.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "initiator/client.h"
 #include "initiator/copy.h"
@@ -23,7 +25,8 @@ namespace ibdisk::cli {
 namespace {
 
 struct DemoArgs {
-  std::uint64_t size_mib = 256;
+  std::uint64_t size = 256 << 20;
+  bool json = false;
   std::string dir;
   bool no_progress = false;
 };
@@ -47,7 +50,9 @@ std::string file_sha256(const std::string& path, std::uint64_t size) {
 
 int run_demo(const DemoArgs& a) {
   namespace fs = std::filesystem;
-  const std::uint64_t size = a.size_mib << 20;
+  const std::uint64_t size = a.size;
+  // With --json the narrative goes to stderr and stdout carries one JSON document.
+  FILE* const out = a.json ? stderr : stdout;
   std::string base = a.dir.empty() ? (std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") : a.dir;
   std::string templ = base + "/ibdisk-demo.XXXXXX";
   if (!::mkdtemp(templ.data())) throw SystemError("creating a work folder in " + base, errno, "give --dir DIR");
@@ -62,7 +67,7 @@ int run_demo(const DemoArgs& a) {
 
   const std::string image = (work / "export.img").string(), source = (work / "source.img").string(),
                     back = (work / "readback.img").string();
-  std::printf("1. an export: %s sparse image at %s\n", human_bytes(size).c_str(), image.c_str());
+  std::fprintf(out, "1. an export: %s sparse image at %s\n", human_bytes(size).c_str(), image.c_str());
   {
     const int fd = ::open(image.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) throw SystemError("creating " + image, errno);
@@ -96,12 +101,12 @@ int run_demo(const DemoArgs& a) {
       t.join();
     }
   } stop{server, serving};
-  std::printf("2. a target: `ibdisk serve --export demo=%s` listening on %s\n", image.c_str(),
+  std::fprintf(out, "2. a target: `ibdisk serve --export demo=%s` listening on %s\n", image.c_str(),
               server.listen_description().c_str());
   if (probe.devices.empty()) {
-    std::printf("   RDMA: not available here (%s)\n", probe.unavailable_reason.c_str());
+    std::fprintf(out, "   RDMA: not available here (%s)\n", probe.unavailable_reason.c_str());
   } else if (address.empty()) {
-    std::printf("   RDMA: device %s found, but no IPv4 address on an RDMA interface\n", probe.devices.front().c_str());
+    std::fprintf(out, "   RDMA: device %s found, but no IPv4 address on an RDMA interface\n", probe.devices.front().c_str());
   }
 
   initiator::ClientOptions copts;
@@ -111,7 +116,7 @@ int run_demo(const DemoArgs& a) {
   copts.queue_depth = 16;
   copts.client_name = "demo";
   auto client = initiator::Client::connect(copts);
-  std::printf("3. an initiator session: %u queues x depth %u over %s\n", client->queue_count(), client->queue_depth(0),
+  std::fprintf(out, "3. an initiator session: %u queues x depth %u over %s\n", client->queue_count(), client->queue_depth(0),
               client->transport(0).c_str());
   const proto::Opened opened = client->open("demo", false);
 
@@ -127,14 +132,32 @@ int run_demo(const DemoArgs& a) {
   const auto down = initiator::download(*client, opened.handle(), size, bfd, true, o);
   ::close(bfd);
   down_bar.finish();
-  std::printf("4. wrote %s through the session in %.2fs (%.0f MiB/s), read it back in %.2fs (%.0f MiB/s)\n",
+  std::fprintf(out, "4. wrote %s through the session in %.2fs (%.0f MiB/s), read it back in %.2fs (%.0f MiB/s)\n",
               human_bytes(up.bytes).c_str(), up.seconds, static_cast<double>(up.bytes) / (1 << 20) / up.seconds,
               down.seconds, static_cast<double>(down.bytes) / (1 << 20) / down.seconds);
   const std::string want = file_sha256(source, size), on_disk = file_sha256(image, size), got = file_sha256(back, size);
   const bool ok = want == on_disk && want == got;
-  std::printf("5. sha256 written   %s\n   sha256 on export %s\n   sha256 read back %s\n", want.c_str(), on_disk.c_str(),
+  std::fprintf(out, "5. sha256 written   %s\n   sha256 on export %s\n   sha256 read back %s\n", want.c_str(), on_disk.c_str(),
               got.c_str());
-  std::printf("demo: %s over %s\n", ok ? "PASS, every byte matches" : "FAIL, the data differs", client->transport(0).c_str());
+  std::fprintf(out, "demo: %s over %s\n", ok ? "PASS, every byte matches" : "FAIL, the data differs", client->transport(0).c_str());
+  if (a.json) {
+    const auto leg = [](const initiator::CopyResult& r) {
+      return Json{{"bytes", r.bytes}, {"seconds", r.seconds},
+                  {"mib_per_second", r.seconds > 0 ? static_cast<double>(r.bytes) / (1 << 20) / r.seconds : 0.0}};
+    };
+    std::string rdma_not_used;
+    if (probe.devices.empty()) rdma_not_used = probe.unavailable_reason;
+    else if (address.empty()) rdma_not_used = "no IPv4 address on an RDMA interface";
+    std::cout << json_document({{"result", ok ? "pass" : "fail"},
+                                {"transport", client->transport(0)},
+                                {"rdma_not_used", rdma_not_used.empty() ? Json(nullptr) : Json(rdma_not_used)},
+                                {"size", size},
+                                {"queues", client->queue_count()},
+                                {"queue_depth", client->queue_depth(0)},
+                                {"upload", leg(up)},
+                                {"download", leg(down)},
+                                {"sha256", {{"written", want}, {"export", on_disk}, {"read_back", got}}}});
+  }
   return ok ? 0 : 1;
 }
 
@@ -147,9 +170,13 @@ void add_demo(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_ru
       "Export a temporary image and use it from this host, end to end: serve it, connect a session\n"
       "(RDMA when this host has an RDMA device with an address, TCP otherwise, and it says why), write\n"
       "it through the session, read it back and compare SHA-256. Needs no hardware and no setup.");
-  sub->add_option("--size", a->size_mib, "image size in MiB")->capture_default_str()->check(CLI::Range(1, 65536));
+  sub->add_option("--size", a->size, "image size: 256M, 1G (a plain number is MiB)")
+      ->default_str("256M")
+      ->transform(size_transform(1 << 20))
+      ->check(CLI::Range(std::uint64_t{1} << 20, std::uint64_t{64} << 30));
+  sub->add_flag("--json", a->json, "print the result as JSON (the steps go to stderr)");
   sub->add_option("--dir", a->dir, "where the temporary files go (default $TMPDIR or /tmp)");
-  sub->add_flag("--no-progress", a->no_progress, "no progress bars");
+  sub->add_flag("--no-progress", a->no_progress, "no progress bars (they are drawn only on a terminal)");
   on_run(sub, [a] { return run_demo(*a); });
 }
 

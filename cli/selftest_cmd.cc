@@ -5,6 +5,7 @@
 
 #include "cli/commands.h"
 #include "common/error.h"
+#include "common/json.h"
 #include "common/log.h"
 #include "transport/selftest.h"
 
@@ -19,7 +20,10 @@ struct Args {
   SelftestOptions opts;
   unsigned clients = 0;
   double timeout_s = 5;
+  bool json = false;
 };
+
+int report(const SelftestReport& r, const Args& a, const std::string& rdma_not_used);
 
 void print_report(const SelftestReport& r, std::size_t size, unsigned iterations) {
   const char* up = r.transport == "rdma" ? "RDMA WRITE" : "TCP send";
@@ -36,6 +40,26 @@ void print_report(const SelftestReport& r, std::size_t size, unsigned iterations
   std::printf("sha256 sent:     %s\nsha256 received: %s\n", r.write_sha256.c_str(), r.read_sha256.c_str());
   std::printf("checksums:  %s\n", r.checksums_match ? "match on both sides" : "MISMATCH");
   std::printf("selftest: %s\n", r.checksums_match ? "PASS" : "FAIL");
+}
+
+int report(const SelftestReport& r, const Args& a, const std::string& rdma_not_used) {
+  if (!a.json) {
+    print_report(r, a.opts.size, a.opts.iterations);
+    return r.checksums_match ? 0 : 1;
+  }
+  Json j = {{"result", r.checksums_match ? "pass" : "fail"}, {"transport", r.transport}, {"peer", r.peer}};
+  if (r.transport == "rdma") {
+    j["port"] = {{"device", r.port.device}, {"port", r.port.port},           {"state", r.port.state},
+                 {"link_layer", r.port.link_layer}, {"active_mtu", r.port.active_mtu}, {"rate", r.port.rate}};
+  }
+  j["rdma_not_used"] = rdma_not_used.empty() ? Json(nullptr) : Json(rdma_not_used);
+  j["transfer_bytes"] = a.opts.size;
+  j["iterations"] = a.opts.iterations;
+  j["write_mib_per_second"] = r.write_mib_s;
+  j["read_mib_per_second"] = r.read_mib_s;
+  j["sha256"] = {{"sent", r.write_sha256}, {"received", r.read_sha256}, {"match", r.checksums_match}};
+  std::cout << json_document(j);
+  return r.checksums_match ? 0 : 1;
 }
 
 int run_listen(Args& a) {
@@ -100,14 +124,15 @@ int run_client(Args& a) {
         a.opts.address = a.peer;
         r = rdma_selftest_client(a.opts);
       }
-      print_report(r, a.opts.size, a.opts.iterations);
-      return r.checksums_match ? 0 : 1;
+      return report(r, a, "");
     } catch (const std::exception& e) {
       if (a.transport == "rdma") throw;
       why_not_rdma = e.what();
     }
   }
-  if (!why_not_rdma.empty()) std::printf("RDMA not used: %s\nfalling back to TCP\n", why_not_rdma.c_str());
+  if (!why_not_rdma.empty()) {
+    std::fprintf(a.json ? stderr : stdout, "RDMA not used: %s\nfalling back to TCP\n", why_not_rdma.c_str());
+  }
   SelftestReport r;
   if (local) {
     SelftestOptions sopts = a.opts;
@@ -129,8 +154,7 @@ int run_client(Args& a) {
     a.opts.address = a.peer;
     r = tcp_selftest_client(a.opts);
   }
-  print_report(r, a.opts.size, a.opts.iterations);
-  return r.checksums_match ? 0 : 1;
+  return report(r, a, why_not_rdma);
 }
 
 }  // namespace
@@ -162,8 +186,13 @@ void add_selftest(CLI::App& app, const std::function<void(CLI::App*, Runner)>& o
   sub->add_option("--timeout", args->timeout_s, "seconds to wait for each connection step")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  sub->add_flag("--json", args->json, "print the report as JSON (not with --listen)");
   on_run(sub, [args, sub] {
     args->opts.timeout = std::chrono::milliseconds(static_cast<long>(args->timeout_s * 1000));
+    if (sub->count("--listen") > 0 && !args->peer.empty()) {
+      throw UsageError("--listen and PEER " + args->peer + ": a self-test either serves or connects");
+    }
+    if (sub->count("--listen") > 0 && args->json) throw UsageError("--json reports a client's run: not with --listen");
     if (sub->count("--listen") > 0) return run_listen(*args);
     return run_client(*args);
   });

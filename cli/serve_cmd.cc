@@ -1,7 +1,12 @@
 // `ibdisk serve`: export disks and image files.
+#include <sys/stat.h>
+
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <thread>
+
+#include <systemd/sd-daemon.h>
 
 #include "cli/commands.h"
 #include "cli/format.h"
@@ -10,6 +15,8 @@
 #include "initiator/client.h"
 #include "target/nbd/nbd_server.h"
 #include "target/server.h"
+#include "transport/rdma/rdma_connection.h"
+#include "proto/wire.h"
 
 namespace ibdisk::cli {
 namespace {
@@ -40,16 +47,46 @@ std::unique_ptr<nbd::NbdServer> start_nbd(ServeArgs& a, target::Server& server) 
                                           server.allow_list(), boost::asio::ip::tcp::endpoint(addr, a.nbd_port), no);
 }
 
-int run_serve(ServeArgs& a) {
+// A path with a comma that does not exist, whose part before the comma does, is an unknown
+// option (`x=disk.img,foo`), not a path: say so instead of failing to open "disk.img,foo".
+target::ExportConfig parse_export(const std::string& spec) {
+  target::ExportConfig c = target::parse_export_spec(spec);
+  struct stat st{};
+  const auto comma = c.path.rfind(',');
+  if (comma != std::string::npos && ::stat(c.path.c_str(), &st) != 0) {
+    throw UsageError("export '" + spec + "': unknown option '" + c.path.substr(comma + 1) +
+                     "' (known: ro, rw, shared, direct, cached)");
+  }
+  return c;
+}
+
+// io_uring registers every worker's buffers, and RLIMIT_MEMLOCK bounds that for a user
+// without CAP_IPC_LOCK: say so before the registration fails with a bare ENOMEM.
+void check_memlock(const target::ServerOptions& o) {
+  const std::size_t slot = wire::kMaxIoSize;
+  const std::size_t per_worker = std::max<std::size_t>(1, (std::size_t{o.buffer_mib} << 20) / slot) * slot;
+  const std::string m = transport::memlock_problem(
+      o.threads * per_worker, "the target's data buffers (--threads " + std::to_string(o.threads) + " x --buffer-mib " +
+                                  std::to_string(o.buffer_mib) + ", registered with io_uring and RDMA)");
+  if (!m.empty()) throw SystemError("ibdisk serve", m + ", or lower --buffer-mib or --threads");
+}
+
+int run_serve(ServeArgs& a, const CLI::App& sub) {
   const auto ms = [](double s) { return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000)); };
   a.opts.handshake_timeout = ms(a.handshake_timeout_s);
   a.opts.stop_timeout = ms(a.stop_timeout_s);
-  for (const auto& spec : a.exports) a.opts.exports.push_back(target::parse_export_spec(spec));
+  for (const auto& spec : a.exports) a.opts.exports.push_back(parse_export(spec));
+  if (sub.count("--nbd-port") > 0) a.nbd = true;  // a port for the NBD front end asks for it
   if (!a.listen.empty()) {
     std::uint16_t port = a.opts.port;
     initiator::parse_host_port(a.listen, &a.opts.listen_address, &port);
+    if (sub.count("--port") > 0 && port != a.opts.port) {
+      throw UsageError("--listen " + a.listen + " and --port " + std::to_string(a.opts.port) +
+                       " both give the port: give one of them");
+    }
     a.opts.port = port;
   }
+  check_memlock(a.opts);
   // Signals go to a dedicated thread: SIGINT/SIGTERM finish in-flight I/O, then exit.
   sigset_t sigs;
   sigemptyset(&sigs);
@@ -67,16 +104,20 @@ int run_serve(ServeArgs& a) {
                 server.rdma_status().c_str());
   }
   if (nbd_server) std::printf("ibdisk serve: NBD front end on port %u\n", nbd_server->port());
+  if (!a.opts.server_name.empty()) std::printf("ibdisk serve: name %s\n", a.opts.server_name.c_str());
   for (const auto& e : server.exports().list()) {
     std::printf("  export %-16s %10s  %s%s\n", e.name.c_str(), human_bytes(e.size).c_str(), e.read_only ? "read-only" : "read-write",
                 e.shared ? ", shared" : ", exclusive writer");
   }
   std::fflush(stdout);
+  // Type=notify: systemd starts what needs the target once it really listens.
+  sd_notifyf(0, "READY=1\nSTATUS=listening on %s", server.listen_description().c_str());
   std::thread signals([&server, &nbd_server, sigs] {
     int sig = 0;
     sigwait(&sigs, &sig);
     if (sig == SIGUSR1) return;
     logger("target")->info("{} received: finishing in-flight I/O", sig == SIGINT ? "SIGINT" : "SIGTERM");
+    sd_notify(0, "STOPPING=1\nSTATUS=finishing in-flight I/O");
     if (nbd_server) nbd_server->stop();
     server.stop();
   });
@@ -105,10 +146,10 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_option("-l,--listen", a->listen,
                   "ADDR[:PORT] to listen on (default 127.0.0.1 without a key, 0.0.0.0 with one; port 7420)");
   sub->add_option("--port", a->opts.port, "TCP port")->capture_default_str();
-  sub->add_option("--rdma-port", a->opts.rdma_port, "RDMA CM port (its own port space; default: the TCP port)");
-  sub->add_flag("!--no-rdma", a->opts.rdma, "do not listen on RDMA even when an RDMA device exists");
-  sub->add_option("-k,--key-file", a->opts.key_file, "pre-shared key (mode 0600; make one with `ibdisk keygen`)")
-      ->check(CLI::ExistingFile);
+  auto* rdma_port =
+      sub->add_option("--rdma-port", a->opts.rdma_port, "RDMA CM port (its own port space; default: the TCP port)");
+  sub->add_flag("!--no-rdma", a->opts.rdma, "do not listen on RDMA even when an RDMA device exists")->excludes(rdma_port);
+  sub->add_option("-k,--key-file", a->opts.key_file, "pre-shared key (mode 0600; make one with `ibdisk keygen`)");
   sub->add_option("--allow", a->opts.allow, "client network allowed to connect, CIDR (repeatable; default any)");
   sub->add_flag("--insecure", a->opts.insecure, "without a key, listen beyond loopback anyway");
   sub->add_option("--threads", a->opts.threads, "worker threads (each with its own io_uring)")->capture_default_str();
@@ -123,8 +164,8 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
       ->capture_default_str()
       ->check(CLI::Range(0.0, 3600.0));
   sub->add_flag("--nbd", a->nbd, "also serve the exports over plain NBD (nbd-client, qemu, nbdcopy; see docs/nbd.md)");
-  sub->add_option("--nbd-port", a->nbd_port, "port of the NBD front end")->capture_default_str();
-  on_run(sub, [a] { return run_serve(*a); });
+  sub->add_option("--nbd-port", a->nbd_port, "port of the NBD front end (implies --nbd)")->capture_default_str();
+  on_run(sub, [a, sub] { return run_serve(*a, *sub); });
 }
 
 }  // namespace ibdisk::cli

@@ -10,6 +10,8 @@
 
 #include "cli/commands.h"
 #include "common/error.h"
+#include "common/json.h"
+#include "setup/diff.h"
 #include "setup/doctor.h"
 #include "setup/inventory.h"
 #include "setup/mstconfig.h"
@@ -112,6 +114,37 @@ Plan build_plan(Common& c, const Root& root) {
   return make_plan(root, read_inventory(root), c.plan);
 }
 
+// The plan for scripts: each file with its new content and the diff from the current one.
+Json plan_json(const Root& root, const Plan& p) {
+  Json files = Json::array();
+  for (const auto& f : p.files) {
+    Json j = {{"path", f.path}, {"why", f.why}, {"mode", f.mode}};
+    if (!f.link_target.empty()) {
+      j["action"] = "symlink";
+      j["link_target"] = f.link_target;
+    } else if (!f.content) {
+      j["action"] = "remove";
+    } else {
+      j["action"] = "write";
+      j["content"] = *f.content;
+    }
+    if (f.link_target.empty()) {
+      const auto old = root.read(f.path);
+      j["diff"] = unified_diff(old.value_or(""), f.content.value_or(""), old ? "a" + f.path : "/dev/null",
+                               f.content ? "b" + f.path : "/dev/null");
+    }
+    files.push_back(j);
+  }
+  Json writes = Json::array();
+  for (const auto& w : p.writes) writes.push_back({{"path", w.path}, {"value", w.value}, {"old_value", w.old_value}});
+  Json commands = Json::array();
+  for (const auto& c : p.commands) {
+    commands.push_back({{"argv", c.argv}, {"why", c.why}, {"undo", c.undo}, {"needs_systemd", c.needs_systemd}});
+  }
+  return {{"components", p.components}, {"empty", p.empty()}, {"files", files},
+          {"kernel_writes", writes},    {"commands", commands}, {"notes", p.notes}};
+}
+
 void add_root_option(CLI::App* sub, Common& c) {
   sub->add_option("--root", c.root,
                   "Read (and write) sysfs, procfs and /etc under DIR instead of / (fixture trees, test roots)")
@@ -143,7 +176,7 @@ void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& top_
     check_root(common->root);
     const auto inv = read_inventory(Root(common->root));
     if (common->json) {
-      std::cout << status_json(inv).dump(2) << "\n";
+      std::cout << json_document(status_json(inv));
     } else {
       std::cout << format_status(inv);
     }
@@ -164,7 +197,9 @@ void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& top_
       const auto inv = read_inventory(root);
       const auto findings = diagnose(inv, load_mstconfig(root, common->mstconfig));
       if (common->json) {
-        std::cout << findings_json(findings).dump(2) << "\n";
+        Json j = findings_json(findings);
+        j["exit_status"] = exit_status(findings);
+        std::cout << json_document(j);
       } else {
         std::cout << format_findings(findings);
       }
@@ -179,9 +214,11 @@ void add_setup(CLI::App& app, const std::function<void(CLI::App*, Runner)>& top_
       "plan", "Show what apply would change: unified diffs of the files, kernel settings and commands. Changes nothing");
   add_root_option(plan, *common);
   add_plan_options(plan, *common);
+  plan->add_flag("--json", common->json, "Print JSON instead of diffs");
   on_run(plan, [common] {
     const Root root(common->root);
-    std::cout << format_plan(root, build_plan(*common, root));
+    const Plan p = build_plan(*common, root);
+    std::cout << (common->json ? json_document(plan_json(root, p)) : format_plan(root, p));
     return 0;
   });
 

@@ -18,10 +18,20 @@
 
 namespace ibdisk {
 
-std::string load_key_file(const std::string& path) {
+std::string load_key_file(const std::string& path, KeyUser user) {
   struct stat st{};
   if (::stat(path.c_str(), &st) != 0) {
-    throw SystemError("reading key file " + path, errno, "create one with `ibdisk keygen " + path + "`");
+    const int err = errno;
+    if (err == ENOENT && user == KeyUser::kInitiator) {
+      throw SystemError("reading key file " + path, err,
+                        "copy the target's key file here (the one its `ibdisk serve --key-file` reads); a new key "
+                        "would not match it");
+    }
+    if (err == ENOENT) throw SystemError("reading key file " + path, err, "create one with `ibdisk keygen " + path + "`");
+    throw SystemError("reading key file " + path, err, "check the path and the permissions of its directories");
+  }
+  if (!S_ISREG(st.st_mode)) {
+    throw SystemError("key file " + path, std::string("not a regular file"), "give the file `ibdisk keygen` wrote");
   }
   if (st.st_mode & 077) {
     char mode[8];
@@ -29,16 +39,31 @@ std::string load_key_file(const std::string& path) {
     throw SystemError("key file " + path, std::string("group or others can read it (mode ") + mode + ")",
                       "run `chmod 600 " + path + "`");
   }
-  std::ifstream in(path, std::ios::binary);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  std::string key = ss.str();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    throw SystemError("opening key file " + path, errno,
+                      "run as its owner (uid " + std::to_string(st.st_uid) + ") or as root");
+  }
+  std::string key;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n == 0) break;
+    if (n < 0) {
+      const int err = errno;
+      ::close(fd);
+      throw SystemError("reading key file " + path, err);
+    }
+    key.append(buf, static_cast<std::size_t>(n));
+  }
+  ::close(fd);
   const auto first = key.find_first_not_of(" \t\r\n");
   const auto last = key.find_last_not_of(" \t\r\n");
   key = first == std::string::npos ? std::string() : key.substr(first, last - first + 1);
   if (key.size() < 16) {
     throw SystemError("key file " + path, "the key has " + std::to_string(key.size()) + " bytes, at least 16 are needed",
-                      "create a new one with `ibdisk keygen FILE`");
+                      user == KeyUser::kInitiator ? "copy the target's key file here again"
+                                                  : "create a new one with `ibdisk keygen FILE` and copy it to the initiators");
   }
   return key;
 }

@@ -7,10 +7,14 @@
 
 namespace ibdisk {
 
-// Reads a key file. Refuses (SystemError naming the file, the reason and the chmod to run)
-// a file that group or others can read, an empty file, or one shorter than 16 bytes.
-// Surrounding whitespace is not part of the key.
-std::string load_key_file(const std::string& path);
+// Who reads a key file: the hint for a missing one differs. A target may make a new key; an
+// initiator needs a copy of the target's, since a new one could never match.
+enum class KeyUser { kTarget, kInitiator };
+
+// Reads a key file. Refuses (SystemError naming the file, the reason and what to do) a
+// missing or unreadable file, one that group or others can read, or one shorter than 16
+// bytes. Surrounding whitespace is not part of the key.
+std::string load_key_file(const std::string& path, KeyUser user = KeyUser::kTarget);
 
 // Writes a new random key (32 bytes, hex) to path with mode 0600; refuses to overwrite.
 void write_new_key_file(const std::string& path);

@@ -1,29 +1,11 @@
 #include "common/json.h"
 
-#include <cstdio>
-
 namespace ibdisk {
 
-std::string json_quote(const std::string& s) {
-  std::string out = "\"";
-  for (const unsigned char c : s) {
-    switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      default:
-        if (c < 0x20) {
-          char buf[8];
-          std::snprintf(buf, sizeof buf, "\\u%04x", c);
-          out += buf;
-        } else {
-          out.push_back(static_cast<char>(c));
-        }
-    }
-  }
-  return out + "\"";
+std::string json_document(const Json& body) {
+  Json doc = {{"schema", kJsonSchema}};
+  for (const auto& [k, v] : body.items()) doc[k] = v;
+  return doc.dump(2, ' ', false, Json::error_handler_t::replace) + "\n";
 }
 
 }  // namespace ibdisk

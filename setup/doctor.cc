@@ -295,6 +295,17 @@ void check_sm(const Inventory& inv, std::vector<Finding>& out) {
 void check_soft_roce(const Inventory& inv, std::vector<Finding>& out) {
   const bool hardware = std::any_of(inv.devices.begin(), inv.devices.end(), [](const RdmaDevice& d) { return !d.soft_roce; });
   if (hardware) return;
+  if (inv.devices.empty() && !inv.kernel_has_rdma) {
+    Finding f;
+    f.severity = Severity::kInfo;
+    f.id = "no-rdma-kernel";
+    f.subject = "RDMA";
+    f.problem = "this kernel has no RDMA support (no ib_core: not loaded, not built in, not among its modules)";
+    f.reason = "no RDMA device can exist, Soft-RoCE included; ibdisk will use TCP";
+    f.fix.push_back("boot a kernel built with CONFIG_INFINIBAND (Debian's linux-image-amd64 is), then `ibdisk setup doctor` again");
+    out.push_back(std::move(f));
+    return;
+  }
   bool offered = false;
   for (const auto& n : inv.netdevs) {
     if (n.type != 1 || (n.kind != "physical" && n.kind != "veth") || !n.master.empty() || n.operstate != "up") continue;

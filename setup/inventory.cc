@@ -424,6 +424,12 @@ Inventory read_inventory(const Root& root) {
     }
     std::sort(inv.modules.begin(), inv.modules.end());
   }
+  if (const auto release = root.read("/proc/sys/kernel/osrelease")) {
+    const auto r = split_ws(*release);
+    inv.kernel_has_rdma = root.exists("/sys/class/infiniband") || root.exists("/sys/module/ib_core") ||
+                          inv.module_loaded("ib_core") ||
+                          (!r.empty() && root.exists("/lib/modules/" + r[0] + "/kernel/drivers/infiniband"));
+  }
   read_memlock(root, inv);
   for (const auto& [key, tuned] : tuned_sysctls()) {
     std::string path = "/proc/sys/" + key;

@@ -95,6 +95,9 @@ struct Inventory {
   std::vector<RdmaDevice> devices;
   std::vector<NetDevice> netdevs;
   std::vector<std::string> modules;  // loaded, from /proc/modules
+  // false only when the running kernel (proc/sys/kernel/osrelease) has no RDMA core at all:
+  // none loaded, none built in (sys/module/ib_core), none among its modules on disk.
+  bool kernel_has_rdma = true;
   std::optional<std::uint64_t> memlock_bytes;  // nullopt: unlimited
   std::string memlock_source;        // "getrlimit" or the file it came from
   bool memlock_known = false;

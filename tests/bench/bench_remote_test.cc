@@ -90,6 +90,17 @@ TEST_F(BenchRemote, AllWorkloadsVerifyAndBaseline) {
   EXPECT_EQ(html.find("<script"), std::string::npos);  // self-contained, no JS
   EXPECT_EQ(html.find("<link"), std::string::npos);  // no external stylesheet
   EXPECT_EQ(html.find("src="), std::string::npos);   // no external image or script
+  EXPECT_EQ(j["schema"].get<int>(), 1);
+  // Without --cross-check the link reference is the self-test, and each figure says so.
+  EXPECT_EQ(j["transports"][0]["workloads"][0]["link_reference"], "self-test");
+  // Axes: labelled, log scales said so, tick labels 1, 2 or 5 x 10^k apart (no 3.47e+03).
+  EXPECT_NE(html.find("requests in flight"), std::string::npos);
+  EXPECT_NE(html.find("IOPS (log scale)"), std::string::npos);
+  EXPECT_EQ(html.find("e+"), std::string::npos);
+  // The environment names the date, the version, the kernel, the CPU and the command line.
+  for (const char* key : {"date", "ibdisk", "kernel", "cpu", "command"}) {
+    EXPECT_TRUE(j["environment"].contains(key)) << key << ": " << j["environment"].dump();
+  }
 }
 
 // Without --allow-write the write workloads are skipped with the reason; reads still run.
@@ -253,6 +264,13 @@ TEST_F(BenchRemote, CrossCheckWithIperf3) {
   EXPECT_GT(j["cross_checks"][3]["baseline_mb_s"].get<double>(), 0);
   EXPECT_NE(bench::remote_text(r).find("iperf3"), std::string::npos);
   EXPECT_NE(bench::remote_html(r).find("Cross-checks"), std::string::npos);
+  // iperf3 measured the TCP link: it is the reference of TCP's "% of link", not the self-test.
+  for (const auto& t : r.transports) {
+    if (t.name != "tcp") continue;
+    ASSERT_FALSE(t.workloads.empty());
+    EXPECT_EQ(t.workloads[0].link_reference, "iperf3");
+    EXPECT_NE(bench::remote_text(r).find("tcp: % of link: read against iperf3"), std::string::npos) << bench::remote_text(r);
+  }
 }
 
 // Against a host that is not this one, the servers are the user's to start: the commands are given.

@@ -8,6 +8,8 @@
 #include <dirent.h>
 #include <signal.h>
 #include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
 #include <unistd.h>
 
 #include <chrono>
@@ -103,14 +105,15 @@ std::string uverbs_holders(int stuck_pid) {
 std::string stats_transports(const std::string& ibdisk, const std::string& where) {
   int rc = 0;
   const std::string out = sh(ibdisk + " stats --json " + where + " 2>/dev/null", &rc);
-  const auto name = out.find(std::string("\"name\": \"") + kClientName + "\"");
-  if (rc != 0 || name == std::string::npos) return "(no session: " + out + ")";
-  const auto open = out.find('[', name), close = out.find(']', name);
-  std::string list;
-  for (auto i = open + 1; i < close; ++i) {
-    if (out[i] != '"' && out[i] != ' ') list += out[i];
+  const auto j = nlohmann::json::parse(out, nullptr, false);
+  if (rc != 0 || j.is_discarded()) return "(no stats: " + out + ")";
+  for (const auto& session : j["sessions"]) {
+    if (session["name"] != kClientName) continue;
+    std::string list;
+    for (const auto& t : session["transports"]) list += (list.empty() ? "" : ",") + t.get<std::string>();
+    return list;
   }
-  return list;
+  return "(no session: " + out + ")";
 }
 
 // Runs an ibdisk command as a user would and expects `needle` in what it prints.

@@ -49,7 +49,7 @@ class DirectOrder : public ::testing::Test {
           seen_.push_back({r.offset, r.length, r.direct_, Clock::now()});
           if (!held_ && hold_if_(r)) {
             held_ = true;
-            f.hold = 300ms;
+            f.hold = 1s;  // long enough that a loaded machine still shows what waited
             released_ = Clock::now() + f.hold;
           }
           return f;
@@ -78,7 +78,7 @@ class DirectOrder : public ::testing::Test {
   std::uint32_t handle_ = 0;
   std::mutex mu_;
   std::vector<Seen> seen_;
-  // The first write this picks is held at the engine for 300 ms (a slow device).
+  // The first write this picks is held at the engine for 1 s (a slow device).
   std::function<bool(const target::IoRequest&)> hold_if_ = [](const target::IoRequest& r) {
     return r.direct_ && r.offset == 0;
   };
@@ -93,7 +93,7 @@ TEST_F(DirectOrder, ABufferedWriteWaitsForADirectWriteOfTheSamePage) {
     ++done;
     failed += st != 0;
   };
-  client_->write(0, handle_, 0, 4096, page.data(), 0, count);         // aligned: O_DIRECT, held 300 ms
+  client_->write(0, handle_, 0, 4096, page.data(), 0, count);         // aligned: O_DIRECT, held 1 s
   client_->run_until([&] { return find(0, 4096) != nullptr; });
   client_->write(1, handle_, 1000, 100, small.data(), 0, count);      // same page, page cache
   client_->write(1, handle_, 8192 + 1000, 100, other.data(), 0, count);  // another page, page cache
@@ -127,7 +127,7 @@ TEST_F(DirectOrder, ADirectWriteWaitsForABufferedWriteOfTheSamePage) {
     ++done;
     failed += st != 0;
   };
-  client_->write(1, handle_, 1000, 100, small.data(), 0, count);  // page cache, held 300 ms
+  client_->write(1, handle_, 1000, 100, small.data(), 0, count);  // page cache, held 1 s
   client_->run_until([&] { return find(1000, 100) != nullptr; });
   client_->write(0, handle_, 0, 4096, page.data(), 0, count);  // the whole page, O_DIRECT
   client_->run_until([&] { return done == 2; });

@@ -110,13 +110,8 @@ class RdmaServerConnection final : public ServerConnection,
       fail(CloseCode::kProtocol, "more replies in flight than the queue allows");
       return op.reply_sent(-ENOTCONN);
     }
-    ibv_sge data_sge{reinterpret_cast<std::uintptr_t>(op.slot.data), length, device_->pool_mr->lkey()};
-    ibv_send_wr write{};
-    write.sg_list = &data_sge;
-    write.num_sge = 1;
-    write.opcode = IBV_WR_RDMA_WRITE;
-    write.wr.rdma.remote_addr = op.cmd.addr;
-    write.wr.rdma.rkey = op.cmd.rkey;
+    ibv_sge data_sge;
+    ibv_send_wr write = data_wr(op, IBV_WR_RDMA_WRITE, length, &data_sge);
     write.next = &send;
     if (const int rc = queue_chain(&write, &send, 2, WrKind::kSend, idx, true); rc != 0) {
       fail(CloseCode::kNetwork, "posting a completion: " + errno_text(-rc));  // reports the op too
@@ -154,6 +149,18 @@ class RdmaServerConnection final : public ServerConnection,
     return op;
   }
 
+  // The RDMA READ or WRITE between op's slot and the initiator's buffer the command names.
+  ibv_send_wr data_wr(const DataOp& op, ibv_wr_opcode opcode, std::uint32_t length, ibv_sge* sge) const {
+    *sge = ibv_sge{reinterpret_cast<std::uintptr_t>(op.slot.data), length, device_->pool_mr->lkey()};
+    ibv_send_wr wr{};
+    wr.sg_list = sge;
+    wr.num_sge = 1;
+    wr.opcode = opcode;
+    wr.wr.rdma.remote_addr = op.cmd.addr;
+    wr.wr.rdma.rkey = op.cmd.rkey;
+    return wr;
+  }
+
   void post_read(DataOp& op) {
     const std::uint32_t idx = hold(op, true);
     if (idx == kNoOp) {
@@ -162,13 +169,8 @@ class RdmaServerConnection final : public ServerConnection,
     }
     ++reads_in_flight_;
     peak_reads_ = std::max(peak_reads_, reads_in_flight_);
-    ibv_sge sge{reinterpret_cast<std::uintptr_t>(op.slot.data), op.cmd.length, device_->pool_mr->lkey()};
-    ibv_send_wr wr{};
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    wr.opcode = IBV_WR_RDMA_READ;
-    wr.wr.rdma.remote_addr = op.cmd.addr;
-    wr.wr.rdma.rkey = op.cmd.rkey;
+    ibv_sge sge;
+    ibv_send_wr wr = data_wr(op, IBV_WR_RDMA_READ, op.cmd.length, &sge);
     if (const int rc = queue_chain(&wr, &wr, 1, WrKind::kRead, idx, true); rc != 0) {
       fail(CloseCode::kNetwork, "posting an RDMA READ: " + errno_text(-rc));
     }

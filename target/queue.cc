@@ -374,13 +374,25 @@ std::shared_ptr<ExportLease> QueueHandler::lookup(std::uint32_t handle) {
   const std::uint64_t v = session_->handles_version();
   if (v != cache_version_) {
     cache_.clear();
+    last_handle_ = 0;
     cache_version_ = v;
   }
+  if (handle == last_handle_ && handle != 0) {  // most commands name the handle the last one did
+    if (auto lease = last_lease_.lock()) return lease;
+  }
   if (const auto it = cache_.find(handle); it != cache_.end()) {
-    if (auto lease = it->second.lock()) return lease;
+    if (auto lease = it->second.lock()) {
+      last_handle_ = handle;
+      last_lease_ = it->second;
+      return lease;
+    }
   }
   auto lease = session_->find(handle);
-  if (lease) cache_[handle] = lease;
+  if (lease) {
+    cache_[handle] = lease;
+    last_handle_ = handle;
+    last_lease_ = lease;
+  }
   return lease;
 }
 

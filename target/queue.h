@@ -77,6 +77,8 @@ class QueueHandler final : public transport::ServerConnection::Handler, public R
   std::uint32_t queue_id_ = 0;
   std::unordered_map<std::uint32_t, std::weak_ptr<ExportLease>> cache_;  // never keeps an export open
   std::uint64_t cache_version_ = 0;
+  std::uint32_t last_handle_ = 0;
+  std::weak_ptr<ExportLease> last_lease_;
   unsigned depth_ = 0;
   std::uint32_t max_io_ = 0;
   std::unique_ptr<Request[]> requests_;

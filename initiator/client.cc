@@ -395,8 +395,28 @@ void Client::retire(std::unique_ptr<transport::ClientConnection> conn) {
   if (conn->transport_name() != "rdma") retired_.push_back(std::move(conn));
 }
 
+class Client::Reconnecting {
+ public:
+  explicit Reconnecting(Client& c) : c_(c) { c_.reconnecting_ = true; }
+  ~Reconnecting() {
+    c_.reconnecting_ = false;
+    for (auto& f : c_.after_reconnect_) boost::asio::post(c_.io_, std::move(f));
+    c_.after_reconnect_.clear();
+  }
+  Reconnecting(const Reconnecting&) = delete;
+  Reconnecting& operator=(const Reconnecting&) = delete;
+
+ private:
+  Client& c_;
+};
+
 void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const transport::CloseReason& reason) {
+  if (reconnecting_) {
+    after_reconnect_.push_back([this, &q, conn, reason] { on_conn_lost(q, conn, reason); });
+    return;
+  }
   if (conn != q.conn.get() && conn != q.draining.get()) return;  // already replaced
+  Reconnecting one_at_a_time(*this);
   const std::string what = "queue " + std::to_string(q.index) + " to " + opts_.host + ": " + reason.detail;
   const bool was_primary = conn == q.conn.get() ? q.primary : q.draining_primary;
   const bool failover = opts_.transport == "auto" && was_primary;
@@ -455,6 +475,8 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const tra
 void Client::probe_rdma() {
   if (opts_.transport != "auto" || !started_ || std::chrono::steady_clock::now() < next_probe_) return;
   next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
+  if (reconnecting_) return;
+  Reconnecting one_at_a_time(*this);
   for (auto& q : queues_) {
     if (!q->conn || q->primary || q->draining) continue;
     std::string why;

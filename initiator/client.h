@@ -175,6 +175,12 @@ class Client {
   bool memory_warned_ = false;
   std::string key_;
   std::chrono::steady_clock::time_point next_probe_{};
+  // One reconnection (or RDMA probe) at a time: connecting and the handshake run io_, where
+  // other queues' losses arrive; those wait here and run after it, one by one, so they never
+  // see a session half replaced nor change it under a handshake in progress.
+  bool reconnecting_ = false;
+  std::vector<std::function<void()>> after_reconnect_;
+  class Reconnecting;
   // Closed TCP connections whose handlers may still be queued on io_; freed with the client.
   std::vector<std::unique_ptr<transport::ClientConnection>> retired_;
 };

@@ -34,8 +34,8 @@ struct Pipe {
   std::atomic<bool> client_gone{false};
   std::atomic<bool> cut{false};
   LoopbackNetwork::Counters* counters = nullptr;
-  // Both ends lose the connection, as with a pulled cable. Any thread.
-  void cut_now(const std::shared_ptr<Pipe>& self);
+  // Both ends lose the connection, as with a pulled cable; the target sees `target_sees`. Any thread.
+  void cut_now(const std::shared_ptr<Pipe>& self, CloseCode target_sees = CloseCode::kNetwork);
 };
 
 // A connector's faults, shared by its connections.
@@ -342,12 +342,12 @@ void ServerEnd::end(const CloseReason& for_peer, const CloseReason& here) {
   fail(here);
 }
 
-void Pipe::cut_now(const std::shared_ptr<Pipe>& self) {
+void Pipe::cut_now(const std::shared_ptr<Pipe>& self, CloseCode target_sees) {
   if (cut.exchange(true)) return;
   counters->cuts++;
   const CloseReason r{CloseCode::kNetwork, "the loopback connection was cut"};
-  asio::post(*server_io, [self, r] {
-    if (self->server) self->server->fail(r);
+  asio::post(*server_io, [self, seen = CloseReason{target_sees, r.detail}] {
+    if (self->server) self->server->fail(seen);
   });
   asio::post(*client_io, [self, r] {
     if (self->client) self->client->lost(r);
@@ -445,7 +445,7 @@ std::shared_ptr<Connector> LoopbackNetwork::connector(std::vector<Fault> faults,
 
 const LoopbackNetwork::Counters& LoopbackNetwork::counters() const { return state_->counters; }
 
-void LoopbackNetwork::cut_all() {
+void LoopbackNetwork::cut_all(CloseCode target_sees) {
   std::vector<std::shared_ptr<Pipe>> live;
   {
     std::lock_guard lock(state_->mu);
@@ -453,7 +453,7 @@ void LoopbackNetwork::cut_all() {
       if (auto p = w.lock()) live.push_back(std::move(p));
     }
   }
-  for (auto& p : live) p->cut_now(p);
+  for (auto& p : live) p->cut_now(p, target_sees);
 }
 
 }  // namespace ibdisk::transport

@@ -58,8 +58,10 @@ class LoopbackNetwork {
     std::atomic<std::uint64_t> cuts{0};         // connections cut by a fault or cut_all()
   };
   const Counters& counters() const;
-  // Cuts every live connection now, as a pulled cable does. Any thread.
-  void cut_all();
+  // Cuts every live connection now, as a pulled cable does. Any thread. The initiator sees a
+  // network loss; the target sees `target_sees`: kPeerClosed is what a removed RDMA device can
+  // look like to it (the initiator's side disconnected in order), so it ends the session.
+  void cut_all(CloseCode target_sees = CloseCode::kNetwork);
 
   struct State;
 

@@ -19,8 +19,6 @@ namespace asio = boost::asio;
 
 using rdma_detail::Endpoint;
 using rdma_detail::WrKind;
-using rdma_detail::get16;
-using rdma_detail::get32;
 
 class RdmaClientConnection final : public ClientConnection, public RegisteredMemory, public Endpoint {
  public:
@@ -66,10 +64,8 @@ class RdmaClientConnection final : public ClientConnection, public RegisteredMem
           established_ = true;
           return;
         case RDMA_CM_EVENT_REJECTED: {
-          const auto pdata = ev->private_data();
-          if (pdata.size() >= sizeof(RdmaRejectData) && get32(pdata.data()) == kRdmaConnectMagic) {
-            throw SystemError("connecting", std::string("rejected: ") +
-                                                describe(static_cast<RdmaRejectReason>(get16(pdata.data() + 6))));
+          if (RdmaRejectReason reason; decode_reject_data(ev->private_data(), &reason)) {
+            throw SystemError("connecting", std::string("rejected: ") + describe(reason));
           }
           throw SystemError("connecting", ev->status() == 8 ? std::string("nothing listens for RDMA on that port")
                                                             : "rejected (" + rdma_detail::cm_event_text(*ev) + ")");

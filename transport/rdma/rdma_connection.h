@@ -12,9 +12,10 @@
 // out of its own registered bounce slots (queue_depth x max_io, allocated at connect): the
 // Client API takes any buffer, and registering each one would cost a syscall per I/O.
 //
-// Files: rdma_endpoint.cc (private data, the memlock check, the device cache, the endpoint both
-// roles share), rdma_listener.cc, rdma_client.cc (the initiator) and rdma_datapath.cc (the
-// target's command path).
+// Files: rdma_msg.cc (private data and message framing: pure decoders, fuzzed in tests/fuzz),
+// rdma_endpoint.cc (the memlock check, the device cache, the endpoint both roles share),
+// rdma_listener.cc, rdma_client.cc (the initiator) and rdma_datapath.cc (the target's command
+// path).
 // Threads: every object belongs to the io_context thread it was created for.
 #include <sys/resource.h>
 
@@ -30,44 +31,14 @@
 
 #include "transport/buffer_pool.h"
 #include "transport/connection.h"
+#include "transport/rdma/rdma_msg.h"
 #include "transport/rdma/verbs.h"
 #include "transport/tcp/asio.h"
 
 namespace ibdisk::transport {
 
-inline constexpr std::uint32_t kRdmaConnectMagic = 0x51444249;  // "IBDQ" little-endian
-inline constexpr std::uint16_t kRdmaConnectVersion = 1;
-
-// RDMA CM private data of a connect request, initiator -> target. Little-endian on the wire.
-struct RdmaConnectData {
-  std::uint32_t magic = kRdmaConnectMagic;
-  std::uint16_t version = kRdmaConnectVersion;
-  std::uint16_t reserved = 0;
-  std::uint32_t queue_depth = 0;  // commands in flight wanted; sizes the target's QP and RECVs
-  std::uint32_t max_io = 0;       // largest read/write per command wanted
-  std::uint32_t msg_size = 0;     // the initiator's RECV buffer size; must equal the target's
-  std::uint32_t reserved2[3] = {0, 0, 0};
-};
-static_assert(sizeof(RdmaConnectData) == 32 && sizeof(RdmaConnectData) <= 56,
-              "RDMA CM private data is limited to 56 bytes");
-
-// Why a target rejected a connect request, carried in the reject's private data.
-enum class RdmaRejectReason : std::uint16_t { kBadConnectData = 1, kNoResources = 2, kShuttingDown = 3 };
-struct RdmaRejectData {
-  std::uint32_t magic = kRdmaConnectMagic;
-  std::uint16_t version = kRdmaConnectVersion;
-  std::uint16_t reason = 0;
-};
-static_assert(sizeof(RdmaRejectData) == 8);
-
-// Size of every RECV buffer, and so the largest SEND (a control message is cut into pieces).
-inline constexpr std::uint32_t kRdmaMsgSize = 4096;
-
-std::array<std::byte, sizeof(RdmaConnectData)> encode(const RdmaConnectData& d);
-// Checks and decodes connect private data. Returns empty on success, else what is wrong.
-std::string decode_connect_data(std::span<const std::byte> in, RdmaConnectData* out);
+// Connect and reject private data, and kRdmaMsgSize: transport/rdma/rdma_msg.h.
 void reject_connect(rdma_cm_id* id, RdmaRejectReason reason);
-const char* describe(RdmaRejectReason reason);
 
 // Empty when `bytes` of memory may be registered (RLIMIT_MEMLOCK high enough, or the process
 // has CAP_IPC_LOCK); otherwise one sentence naming `what`, the limit and the exact settings.

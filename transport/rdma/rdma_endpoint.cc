@@ -1,6 +1,7 @@
-// RDMA transport, the part both roles share: private data, the memlock check, the device
-// cache, message framing and the endpoint (completion loop, control messages, CM events). The
-// listener, the initiator and the target's command path have files of their own.
+// RDMA transport, the part both roles share: the reject, the memlock check, the device cache
+// and the endpoint (completion loop, control messages, CM events). The listener, the initiator
+// and the target's command path have files of their own; the bytes on the wire (private data,
+// message framing) are decoded in rdma_msg.cc.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -20,17 +21,12 @@ namespace {
 using namespace std::chrono_literals;
 using rdma_detail::Endpoint;
 using rdma_detail::WrKind;
-using rdma_detail::get16;
-using rdma_detail::get32;
 namespace asio = boost::asio;
 
 auto log() {
   static auto l = ibdisk::logger("rdma");
   return l;
 }
-
-void put16(std::byte* p, std::uint16_t v) { v = htole16(v); std::memcpy(p, &v, 2); }
-void put32(std::byte* p, std::uint32_t v) { v = htole32(v); std::memcpy(p, &v, 4); }
 
 bool has_cap_ipc_lock() {
   std::ifstream in("/proc/self/status");
@@ -48,62 +44,8 @@ bool has_cap_ipc_lock() {
 
 // --- private data --------------------------------------------------------------------------
 
-std::array<std::byte, sizeof(RdmaConnectData)> encode(const RdmaConnectData& d) {
-  std::array<std::byte, sizeof(RdmaConnectData)> out{};
-  put32(out.data(), d.magic);
-  put16(out.data() + 4, d.version);
-  put16(out.data() + 6, 0);
-  put32(out.data() + 8, d.queue_depth);
-  put32(out.data() + 12, d.max_io);
-  put32(out.data() + 16, d.msg_size);
-  return out;
-}
-
-std::string decode_connect_data(std::span<const std::byte> in, RdmaConnectData* out) {
-  // The CM may pad private data with zeros up to its own size: only a shorter one is wrong.
-  if (in.size() < sizeof(RdmaConnectData)) {
-    return "private data of " + std::to_string(in.size()) + " bytes, expected " +
-           std::to_string(sizeof(RdmaConnectData)) + " (not an ibdisk initiator)";
-  }
-  RdmaConnectData d;
-  d.magic = get32(in.data());
-  d.version = get16(in.data() + 4);
-  d.reserved = get16(in.data() + 6);
-  d.queue_depth = get32(in.data() + 8);
-  d.max_io = get32(in.data() + 12);
-  d.msg_size = get32(in.data() + 16);
-  if (d.magic != kRdmaConnectMagic) return "bad magic (not an ibdisk initiator)";
-  if (d.version != kRdmaConnectVersion) {
-    return "connect version " + std::to_string(d.version) + ", this target speaks " +
-           std::to_string(kRdmaConnectVersion) + " (use the same ibdisk release on both sides)";
-  }
-  for (std::size_t i = 20; i < sizeof(RdmaConnectData); ++i) {
-    if (in[i] != std::byte{0}) return "reserved bytes are not zero";
-  }
-  if (d.reserved != 0) return "reserved bytes are not zero";
-  if (d.queue_depth == 0 || d.queue_depth > wire::kMaxQueueDepth) {
-    return "queue depth " + std::to_string(d.queue_depth) + " outside 1.." + std::to_string(wire::kMaxQueueDepth);
-  }
-  if (d.max_io == 0 || d.max_io > wire::kMaxIoSize) return "max I/O size " + std::to_string(d.max_io) + " out of range";
-  if (d.msg_size != kRdmaMsgSize) return "message size " + std::to_string(d.msg_size) + " differs from the target's";
-  *out = d;
-  return {};
-}
-
-const char* describe(RdmaRejectReason reason) {
-  switch (reason) {
-    case RdmaRejectReason::kBadConnectData: return "the target did not accept the connect data (version mismatch?)";
-    case RdmaRejectReason::kNoResources: return "the target has no RDMA resources for another queue";
-    case RdmaRejectReason::kShuttingDown: return "the target is shutting down";
-  }
-  return "rejected by the target";
-}
-
 void reject_connect(rdma_cm_id* id, RdmaRejectReason reason) {
-  std::array<std::byte, sizeof(RdmaRejectData)> pd{};
-  put32(pd.data(), kRdmaConnectMagic);
-  put16(pd.data() + 4, kRdmaConnectVersion);
-  put16(pd.data() + 6, static_cast<std::uint16_t>(reason));
+  const auto pd = encode(reason);
   if (rdma_reject(id, pd.data(), static_cast<std::uint8_t>(pd.size())) != 0) {
     log()->warn("rdma_reject: {}", errno_text(errno));
   }
@@ -149,9 +91,6 @@ std::shared_ptr<RdmaDeviceCache::Device> RdmaDeviceCache::get(ibv_context* ctx) 
 
 namespace rdma_detail {
 
-std::uint16_t get16(const std::byte* p) { std::uint16_t v; std::memcpy(&v, p, 2); return le16toh(v); }
-std::uint32_t get32(const std::byte* p) { std::uint32_t v; std::memcpy(&v, p, 4); return le32toh(v); }
-
 void set_nonblocking(int fd) {
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags >= 0) ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
@@ -180,29 +119,6 @@ std::optional<boost::asio::ip::address> sockaddr_address(const sockaddr* sa) {
   const auto a = boost::asio::ip::make_address(text, ec);
   if (ec) return std::nullopt;
   return a;
-}
-
-// --- message framing -----------------------------------------------------------------------
-
-void encode(const MsgHeader& h, std::byte* out) {
-  put16(out, kMsgMagic);
-  out[2] = static_cast<std::byte>(h.type);
-  out[3] = static_cast<std::byte>(h.flags);
-  put32(out + 4, h.length);
-}
-
-bool decode(std::span<const std::byte> in, MsgHeader* out) {
-  if (in.size() < kMsgHeaderSize || get16(in.data()) != kMsgMagic) return false;
-  const auto type = static_cast<std::uint8_t>(in[2]);
-  const auto flags = static_cast<std::uint8_t>(in[3]);
-  if (type < 1 || type > 3 || (flags & ~kMsgMoreFragments)) return false;
-  MsgHeader h;
-  h.type = static_cast<wire::FrameType>(type);
-  h.flags = flags;
-  h.length = get32(in.data() + 4);
-  if (h.length != in.size() - kMsgHeaderSize) return false;
-  *out = h;
-  return true;
 }
 
 std::string sockaddr_text(const sockaddr* sa) {
@@ -445,17 +361,13 @@ void Endpoint::on_recv(std::uint32_t index, std::uint32_t bytes) {
   std::memcpy(copy.data(), recv_buffer(index), bytes);
   repost_recvs();
   if (dead_) return;
-  const std::span<const std::byte> msg(copy.data(), bytes);
-  MsgHeader h;
-  if (!decode(msg, &h)) return violation("malformed message of " + std::to_string(bytes) + " bytes");
-  const auto payload = msg.subspan(kMsgHeaderSize);
-  if (h.type != wire::FrameType::kControl) {
-    if (!ctrl_in_.empty()) return violation("a capsule inside a fragmented control message");
-    return on_capsule(h.type, payload);
+  const Received r = receive(std::span<const std::byte>(copy.data(), bytes), &ctrl_in_);
+  switch (r.kind) {
+    case Received::Kind::kBad: return violation(r.error);
+    case Received::Kind::kCapsule: return on_capsule(r.type, r.payload);
+    case Received::Kind::kFragment: return;
+    case Received::Kind::kControl: break;
   }
-  if (ctrl_in_.size() + payload.size() > wire::kMaxControlSize) return violation("control message above the size limit");
-  ctrl_in_.append(reinterpret_cast<const char*>(payload.data()), payload.size());
-  if (h.flags & kMsgMoreFragments) return;
   proto::Control m;
   const bool ok = m.ParseFromString(ctrl_in_) && m.msg_case() != proto::Control::MSG_NOT_SET;
   ctrl_in_.clear();

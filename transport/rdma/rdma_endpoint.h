@@ -15,26 +15,12 @@ namespace ibdisk::transport::rdma_detail {
 
 namespace asio = boost::asio;
 
-// Every SEND starts with this header: magic u16, type u8 (wire::FrameType), flags u8, payload
-// length u32, little-endian.
-inline constexpr std::uint16_t kMsgMagic = 0x5249;
-inline constexpr std::size_t kMsgHeaderSize = 8;
-inline constexpr std::uint8_t kMsgMoreFragments = 1;  // a control message continues in the next SEND
-inline constexpr std::uint32_t kSmallMsgSize = 64;    // a command or completion SEND
+// The message header and what a received SEND means: rdma_msg.h.
+inline constexpr std::uint32_t kSmallMsgSize = 64;  // a command or completion SEND
 static_assert(kMsgHeaderSize + wire::kCommandSize <= kSmallMsgSize);
 static_assert(kMsgHeaderSize + wire::kCompletionSize <= kSmallMsgSize);
-inline constexpr std::uint32_t kFragmentPayload = kRdmaMsgSize - kMsgHeaderSize;
 inline constexpr unsigned kCtrlSendBuffers = 8;  // control fragments in flight
 inline constexpr unsigned kExtraRecvs = 8;       // RECVs beyond the queue depth, for control
-
-struct MsgHeader {
-  wire::FrameType type = wire::FrameType::kControl;
-  std::uint8_t flags = 0;
-  std::uint32_t length = 0;
-};
-void encode(const MsgHeader& h, std::byte* out);
-// False when the bytes are not a well-formed header for a message of `received` bytes.
-bool decode(std::span<const std::byte> in, MsgHeader* out);
 
 // wr_id: kind (8 bits) | index (24 bits) | send-queue entries this completion retires (32 bits).
 enum class WrKind : std::uint8_t { kRecv = 1, kSend = 2, kCtrlSend = 3, kRead = 4 };
@@ -52,8 +38,6 @@ std::optional<boost::asio::ip::address> sockaddr_address(const sockaddr* sa);
 // Makes librdmacm drop its context of a removed device (see rdma_endpoint.cc).
 void forget_removed_devices();
 void set_nonblocking(int fd);
-std::uint16_t get16(const std::byte* p);
-std::uint32_t get32(const std::byte* p);
 
 // A connect request the listener accepted the private data of, with its id on an event
 // channel of its own, so the chosen worker can take it over.

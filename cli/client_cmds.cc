@@ -72,8 +72,14 @@ Json export_json(const proto::ExportInfo& e) {
           {"readers", e.readers()}, {"writers", e.writers()}};
 }
 
-Json target_json(const std::string& host, std::uint16_t port) {
-  return {{"host", host}, {"port", port}, {"address", host_port(host, port)}};
+Json target_json(const std::string& host, std::uint16_t port, const Client& client) {
+  return {{"host", host}, {"port", port}, {"address", host_port(host, port)}, {"name", client.server_name()}};
+}
+
+// "10.0.0.1:7420 (lab-store)": the address, and the target's name when it has one.
+std::string target_text(const std::string& host, std::uint16_t port, const Client& client) {
+  const std::string a = host_port(host, port);
+  return client.server_name().empty() ? a : a + " (" + client.server_name() + ")";
 }
 
 // HOST[:PORT], with or without ibdisk:// and a trailing slash (as `info` takes them).
@@ -102,10 +108,10 @@ int run_ls(HostArgs& a) {
   if (a.c.json) {
     Json list = Json::array();
     for (const auto& e : exports) list.push_back(export_json(e));
-    std::cout << json_document({{"target", target_json(host, port)}, {"transport", client->transport(0)}, {"exports", list}});
+    std::cout << json_document({{"target", target_json(host, port, *client)}, {"transport", client->transport(0)}, {"exports", list}});
     return 0;
   }
-  std::printf("target %s, transport %s\n", host_port(host, port).c_str(), client->transport(0).c_str());
+  std::printf("target %s, transport %s\n", target_text(host, port, *client).c_str(), client->transport(0).c_str());
   std::printf("%-20s %12s %6s  %-22s %s\n", "EXPORT", "SIZE", "BLOCK", "FLAGS", "OPEN (readers/writers)");
   for (const auto& e : exports) {
     std::printf("%-20s %12s %6u  %-22s %u/%u\n", e.name().c_str(), human_bytes(e.size()).c_str(), e.block_size(),
@@ -125,12 +131,12 @@ int run_info(HostArgs& a) {
     if (e.name() != r.export_name) continue;
     if (a.c.json) {
       std::cout << json_document(
-          {{"target", target_json(r.host, r.port)}, {"transport", client->transport(0)}, {"export", export_json(e)}});
+          {{"target", target_json(r.host, r.port, *client)}, {"transport", client->transport(0)}, {"export", export_json(e)}});
       return 0;
     }
     std::printf("export:      %s\ntarget:      %s\ntransport:   %s\nsize:        %s (%llu bytes)\nblock size:  %u\n"
                 "access:      %s\nwriters:     %s\ntrim:        %s\nopen now:    %u reader(s), %u writer(s)\n",
-                e.name().c_str(), host_port(r.host, r.port).c_str(), client->transport(0).c_str(), human_bytes(e.size()).c_str(),
+                e.name().c_str(), target_text(r.host, r.port, *client).c_str(), client->transport(0).c_str(), human_bytes(e.size()).c_str(),
                 static_cast<unsigned long long>(e.size()), e.block_size(), e.read_only() ? "read-only" : "read-write",
                 e.shared() ? "shared" : "exclusive (one at a time)", e.trim() ? "yes" : "no", e.readers(), e.writers());
     return 0;
@@ -169,7 +175,7 @@ int run_stats(HostArgs& a) {
                           {"bytes_written", x.bytes_written()},
                           {"errors", x.errors()}});
     }
-    std::cout << json_document({{"target", target_json(host, port)},
+    std::cout << json_document({{"target", target_json(host, port, *client)},
                                 {"uptime_seconds", s.uptime_seconds()},
                                 {"rejected_connections", s.rejected_connections()},
                                 {"protocol_errors", s.protocol_errors()},
@@ -177,7 +183,7 @@ int run_stats(HostArgs& a) {
     return 0;
   }
   std::printf("target %s: up %llus, %d session(s), %llu rejected connection(s), %llu protocol error(s)\n",
-              host_port(host, port).c_str(), static_cast<unsigned long long>(s.uptime_seconds()), s.sessions_size(),
+              target_text(host, port, *client).c_str(), static_cast<unsigned long long>(s.uptime_seconds()), s.sessions_size(),
               static_cast<unsigned long long>(s.rejected_connections()), static_cast<unsigned long long>(s.protocol_errors()));
   std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6s\n", "SESSION", "CLIENT", "NAME", "TRANSPORTS", "EXPORTS", "READ",
               "WRITTEN", "ERRORS");
@@ -377,7 +383,7 @@ int run_copy(CopyArgs& a) {
     std::cout << json_document({{"source", a.src},
                                 {"destination", a.dst},
                                 {"direction", src_is_remote ? "download" : "upload"},
-                                {"target", target_json(r.host, r.port)},
+                                {"target", target_json(r.host, r.port, *client)},
                                 {"export", r.export_name},
                                 {"bytes", result.bytes},
                                 {"skipped_zero_bytes", result.skipped_zero_bytes},

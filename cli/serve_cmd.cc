@@ -154,7 +154,7 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_flag("--insecure", a->opts.insecure, "without a key, listen beyond loopback anyway");
   sub->add_option("--threads", a->opts.threads, "worker threads (each with its own io_uring)")->capture_default_str();
   sub->add_option("--buffer-mib", a->opts.buffer_mib, "data buffers per worker, MiB")->capture_default_str();
-  sub->add_option("--name", a->opts.server_name, "name shown to initiators");
+  sub->add_option("--name", a->opts.server_name, "a name for this target, shown by `ls`, `info` and `stats` on initiators");
   sub->add_option("--handshake-timeout", a->handshake_timeout_s,
                   "SECONDS a new connection may take to authenticate before it is closed")
       ->capture_default_str()

@@ -68,6 +68,18 @@ bool parse_remote(const std::string& text, RemoteName* out) {
 
 namespace {
 std::string where_of(const ClientOptions& o) { return o.host + ":" + std::to_string(o.port); }
+
+// A name from the network, safe to print on a terminal: at most 64 bytes (not cutting a UTF-8
+// sequence), control characters as '?'.
+std::string printable_name(const std::string& s) {
+  std::size_t n = std::min<std::size_t>(s.size(), 64);
+  while (n < s.size() && n > 0 && (static_cast<unsigned char>(s[n]) & 0xC0) == 0x80) --n;
+  std::string out = s.substr(0, n);
+  for (char& ch : out) {
+    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+  }
+  return out;
+}
 }  // namespace
 
 void throw_if_error(const proto::Control& reply, const std::string& what) {
@@ -183,6 +195,7 @@ void Client::admit(transport::ClientConnection& c, std::uint32_t replaces, Admit
                       "give --key-file with a copy of the target's key file");
   }
   const std::string& server_nonce = challenge.challenge().server_nonce();
+  server_name_ = printable_name(challenge.challenge().server_name());
   proto::Control auth;
   auth.mutable_auth();
   if (!key_.empty()) auth.mutable_auth()->set_mac(client_mac(key_, server_nonce, client_nonce));

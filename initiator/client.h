@@ -88,6 +88,8 @@ class Client {
   const std::string& session_secret() const { return session_secret_; }
   // Commands resent on a new connection after one was lost, since the Client started.
   std::uint64_t resent() const { return resent_; }
+  // The name the target was given (`serve --name`), its control characters replaced; may be empty.
+  const std::string& server_name() const { return server_name_; }
   // Why RDMA is not carrying the session (empty when it is, or when TCP was asked for).
   const std::string& rdma_not_used() const { return rdma_not_used_; }
 
@@ -166,6 +168,7 @@ class Client {
   std::vector<OpenedExport> opened_;
   bool handles_moved_ = false;
   std::string rdma_not_used_;
+  std::string server_name_;
   struct Memory {
     std::byte* base;
     std::size_t length;

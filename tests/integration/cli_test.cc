@@ -32,7 +32,7 @@ class Cli : public ::testing::Test {
     port_ = std::to_string(testing::free_port());
     config_ = dir_.file("ibdisk.toml");
     std::ofstream(config_) << "[serve]\nexport = [\"vm1=" << img_ << "\", \"iso=" << iso_ << ",ro\"]\nlisten = \"127.0.0.1:"
-                           << port_ << "\"\nthreads = 1\nbuffer-mib = 128\n";
+                           << port_ << "\"\nthreads = 1\nbuffer-mib = 128\nname = \"lab-store\"\n";
     target_ = std::make_unique<Child>(std::vector<std::string>{IBDISK_BINARY, "--config", config_, "serve"});
     ASSERT_TRUE(target_->wait_for_output("listening", 20000)) << target_->wait(1000).output;
   }
@@ -43,10 +43,11 @@ class Cli : public ::testing::Test {
   std::unique_ptr<Child> target_;
 };
 
-// ls shows both exports with sizes and flags, and the transport.
+// ls shows both exports with sizes and flags, the transport, and the name `serve --name` gave.
 TEST_F(Cli, LsAndInfo) {
   const auto ls = run({IBDISK_BINARY, "ls", "127.0.0.1:" + port_});
   EXPECT_EQ(ls.exit_code, 0) << ls.output;
+  EXPECT_NE(ls.output.find("(lab-store)"), std::string::npos) << ls.output;
   EXPECT_NE(ls.output.find("transport tcp"), std::string::npos) << ls.output;
   EXPECT_NE(ls.output.find("vm1"), std::string::npos) << ls.output;
   EXPECT_NE(ls.output.find("64.0 MiB"), std::string::npos) << ls.output;
@@ -54,8 +55,10 @@ TEST_F(Cli, LsAndInfo) {
   const auto json = run({IBDISK_BINARY, "ls", "127.0.0.1:" + port_, "--json"});
   EXPECT_NE(json.output.find("\"name\": \"iso\""), std::string::npos) << json.output;
   EXPECT_NE(json.output.find("\"read_only\": true"), std::string::npos) << json.output;
+  EXPECT_NE(json.output.find("\"name\": \"lab-store\""), std::string::npos) << json.output;
   const auto info = run({IBDISK_BINARY, "info", remote("iso")});
   EXPECT_EQ(info.exit_code, 0) << info.output;
+  EXPECT_NE(info.output.find("lab-store"), std::string::npos) << info.output;
   EXPECT_NE(info.output.find("read-only"), std::string::npos) << info.output;
   EXPECT_NE(info.output.find("3145728 bytes"), std::string::npos) << info.output;
   const auto missing = run({IBDISK_BINARY, "info", remote("nosuch")});

@@ -28,6 +28,7 @@ struct CrossCheck {
   std::string command;    // what ran here
   std::string server_command;  // what must run on the host
   std::string skipped;    // why there is no figure
+  std::vector<double> repetitions;  // with bench --repeat: MB/s of each repetition; mb_s is their median
 };
 
 std::vector<CrossCheck> run_cross_checks(const CrossCheckOptions& opts);

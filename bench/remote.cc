@@ -521,7 +521,7 @@ bool wanted(const RemoteOptions& opts, const std::string& workload) {
 }
 
 TransportResult run_transport(const RemoteOptions& opts, const std::string& transport, double step0, double steps,
-                              const RemoteProgress& progress) {
+                              const RemoteProgress& progress, const std::string& label, bool verify) {
   TransportResult t;
   t.name = transport;
   const unsigned sweep_max = opts.qd_sweep.empty() ? 1 : *std::max_element(opts.qd_sweep.begin(), opts.qd_sweep.end());
@@ -566,7 +566,7 @@ TransportResult run_transport(const RemoteOptions& opts, const std::string& tran
   double step = step0;
   const auto sub = [&](const std::string& what) {
     return [&, what](double f) {
-      if (progress) progress(transport + " " + what, (step + f) / steps);
+      if (progress) progress(label + transport + " " + what, (step + f) / steps);
     };
   };
   for (const auto& spec : kWorkloads) {
@@ -591,8 +591,8 @@ TransportResult run_transport(const RemoteOptions& opts, const std::string& tran
                                    sub("randread qd " + std::to_string(qd))));
     step += 1;
   }
-  if (opts.verify) {
-    if (progress) progress(transport + " verify", step / steps);
+  if (verify) {
+    if (progress) progress(label + transport + " verify", step / steps);
     t.verify = run_verify(*client, opened.handle(), std::min(opts.verify_bytes, t.used_size),
                           std::max(1u, opts.iodepth * t.queues), opts.seed + (transport == "rdma" ? 1 : 2));
   }
@@ -621,6 +621,33 @@ std::string html_escape(const std::string& s) {
 
 Json or_null(double v) { return v < 0 ? Json(nullptr) : Json(v); }
 
+Json spread_json(const std::vector<double>& values) {
+  if (values.empty()) return nullptr;
+  const Spread s = spread_of(values);
+  return {{"median", s.median}, {"min", s.min}, {"max", s.max}, {"values", s.values}};
+}
+
+// A figure of each repetition that has it (>= 0).
+std::vector<double> figures(const std::vector<WorkloadResult>& reps, double (*get)(const WorkloadResult&)) {
+  std::vector<double> v;
+  for (const auto& w : reps) {
+    if (const double d = get(w); d >= 0) v.push_back(d);
+  }
+  return v;
+}
+double mb_s_of(const WorkloadResult& w) { return w.mb_s; }
+double iops_of(const WorkloadResult& w) { return w.iops; }
+double fraction_of(const WorkloadResult& w) { return w.link_fraction; }
+double p50_of(const WorkloadResult& w) { return w.latency.p50_us; }
+double p99_of(const WorkloadResult& w) { return w.latency.p99_us; }
+
+// "1020.3-1100.9": the range of a figure over the repetitions.
+std::string range_text(const std::vector<WorkloadResult>& reps, double (*get)(const WorkloadResult&), const char* f) {
+  const Spread s = spread_of(figures(reps, get));
+  if (s.values.empty()) return "-";
+  return fmt(f, s.min) + "-" + fmt(f, s.max);
+}
+
 Json workload_json(const WorkloadResult& w) {
   Json j = {{"name", w.name}, {"rw", pattern_name(w.pattern)}, {"bs", w.block_size}};
   if (!w.skipped.empty()) {
@@ -638,12 +665,155 @@ Json workload_json(const WorkloadResult& w) {
   j["cpu"] = {{"client_percent", w.client_cpu_percent}, {"server_percent", or_null(w.server_cpu_percent)}};
   j["link_fraction"] = or_null(w.link_fraction);
   j["link_reference"] = w.link_reference.empty() ? Json(nullptr) : Json(w.link_reference);
+  j["repetitions"] = {{"count", w.repetitions.size()},
+                      {"mb_s", spread_json(figures(w.repetitions, mb_s_of))},
+                      {"iops", spread_json(figures(w.repetitions, iops_of))},
+                      {"link_fraction", spread_json(figures(w.repetitions, fraction_of))},
+                      {"latency_us",
+                       {{"p50", spread_json(figures(w.repetitions, p50_of))},
+                        {"p99", spread_json(figures(w.repetitions, p99_of))}}}};
   return j;
 }
 
 std::string pct(double f) { return f < 0 ? "-" : fmt("%.0f%%", f * 100); }
 
+// The median of the figures get() gives the repetitions, those that are >= 0; -1 when none is.
+template <typename T, typename Get>
+double median_over(const std::vector<T>& reps, Get get) {
+  std::vector<double> v;
+  for (const auto& x : reps) {
+    if (const double d = get(x); d >= 0) v.push_back(d);
+  }
+  return v.empty() ? -1 : spread_of(std::move(v)).median;
+}
+
+// One workload over its repetitions (the same workload of the same transport in each).
+WorkloadResult merge_workload(const std::vector<WorkloadResult>& all) {
+  std::vector<WorkloadResult> reps;
+  for (const auto& w : all) {
+    if (w.skipped.empty()) reps.push_back(w);
+  }
+  if (reps.empty()) return all.front();
+  WorkloadResult w = reps.front();
+  w.ios = w.bytes = 0;
+  w.seconds = 0;
+  std::string refs;
+  for (const auto& x : reps) {
+    w.ios += x.ios;
+    w.bytes += x.bytes;
+    w.seconds += x.seconds;
+    if (!x.link_reference.empty() && ("+" + refs + "+").find("+" + x.link_reference + "+") == std::string::npos) {
+      refs += (refs.empty() ? "" : "+") + x.link_reference;
+    }
+  }
+  w.mb_s = median_over(reps, [](const WorkloadResult& x) { return x.mb_s; });
+  w.iops = median_over(reps, [](const WorkloadResult& x) { return x.iops; });
+  w.latency.min_us = median_over(reps, [](const WorkloadResult& x) { return x.latency.min_us; });
+  w.latency.mean_us = median_over(reps, [](const WorkloadResult& x) { return x.latency.mean_us; });
+  w.latency.p50_us = median_over(reps, [](const WorkloadResult& x) { return x.latency.p50_us; });
+  w.latency.p99_us = median_over(reps, [](const WorkloadResult& x) { return x.latency.p99_us; });
+  w.latency.p999_us = median_over(reps, [](const WorkloadResult& x) { return x.latency.p999_us; });
+  w.latency.max_us = median_over(reps, [](const WorkloadResult& x) { return x.latency.max_us; });
+  w.client_cpu_percent = median_over(reps, [](const WorkloadResult& x) { return x.client_cpu_percent; });
+  w.server_cpu_percent = median_over(reps, [](const WorkloadResult& x) { return x.server_cpu_percent; });
+  w.link_fraction = median_over(reps, [](const WorkloadResult& x) { return x.link_fraction; });
+  w.link_reference = refs;
+  w.repetitions = std::move(reps);
+  return w;
+}
+
+std::vector<WorkloadResult> merge_workloads(const std::vector<const std::vector<WorkloadResult>*>& lists) {
+  std::vector<WorkloadResult> out;
+  for (std::size_t i = 0; i < lists.front()->size(); ++i) {
+    std::vector<WorkloadResult> reps;
+    for (const auto* l : lists) {
+      if (i < l->size()) reps.push_back((*l)[i]);
+    }
+    out.push_back(merge_workload(reps));
+  }
+  return out;
+}
+
+// The repetitions, each a whole report with its own references and fractions, as one report:
+// every figure the median of the repetitions that measured it, each repetition kept.
+RemoteReport merge_repetitions(const std::vector<RemoteReport>& reps) {
+  RemoteReport r;
+  r.options = reps.front().options;
+  for (std::size_t k = 0; k < reps.front().transports.size(); ++k) {
+    std::vector<const TransportResult*> ran;
+    for (const auto& one : reps) {
+      if (one.transports[k].skipped.empty()) ran.push_back(&one.transports[k]);
+    }
+    if (ran.empty()) {
+      r.transports.push_back(reps.front().transports[k]);
+      continue;
+    }
+    TransportResult t = *ran.front();
+    std::vector<const std::vector<WorkloadResult>*> workloads, sweeps;
+    for (const auto* x : ran) {
+      workloads.push_back(&x->workloads);
+      sweeps.push_back(&x->sweep);
+      if (x->verify.ran) t.verify = x->verify;
+    }
+    t.workloads = merge_workloads(workloads);
+    t.sweep = merge_workloads(sweeps);
+    r.transports.push_back(std::move(t));
+  }
+  for (std::size_t k = 0; k < reps.front().baselines.size(); ++k) {
+    std::vector<Baseline> ran;
+    for (const auto& one : reps) {
+      if (k < one.baselines.size() && one.baselines[k].skipped.empty()) ran.push_back(one.baselines[k]);
+    }
+    if (ran.empty()) {
+      r.baselines.push_back(reps.front().baselines[k]);
+      continue;
+    }
+    Baseline b = ran.front();
+    for (const auto& x : ran) {
+      b.write_repetitions.push_back(x.write_mb_s);
+      b.read_repetitions.push_back(x.read_mb_s);
+      b.checksums_match = b.checksums_match && x.checksums_match;
+      if (b.latency_skipped.empty()) b.latency_skipped = x.latency_skipped;
+    }
+    b.write_mb_s = spread_of(b.write_repetitions).median;
+    b.read_mb_s = spread_of(b.read_repetitions).median;
+    b.write_lat_us = median_over(ran, [](const Baseline& x) { return x.write_lat_us; });
+    b.read_lat_us = median_over(ran, [](const Baseline& x) { return x.read_lat_us; });
+    if (b.write_lat_us >= 0) b.latency_skipped.clear();
+    r.baselines.push_back(std::move(b));
+  }
+  for (std::size_t k = 0; k < reps.front().cross_checks.size(); ++k) {
+    std::vector<CrossCheck> ran;
+    for (const auto& one : reps) {
+      if (k < one.cross_checks.size() && one.cross_checks[k].skipped.empty() && one.cross_checks[k].mb_s > 0) {
+        ran.push_back(one.cross_checks[k]);
+      }
+    }
+    if (ran.empty()) {
+      r.cross_checks.push_back(reps.front().cross_checks[k]);
+      continue;
+    }
+    CrossCheck c = ran.front();
+    for (const auto& x : ran) c.repetitions.push_back(x.mb_s);
+    c.mb_s = spread_of(c.repetitions).median;
+    r.cross_checks.push_back(std::move(c));
+  }
+  return r;
+}
+
 }  // namespace
+
+Spread spread_of(std::vector<double> values) {
+  Spread s;
+  s.values = values;
+  if (values.empty()) return s;
+  std::sort(values.begin(), values.end());
+  const std::size_t n = values.size();
+  s.min = values.front();
+  s.max = values.back();
+  s.median = n % 2 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+  return s;
+}
 
 bool RemoteReport::ok() const {
   bool any = false;
@@ -670,35 +840,57 @@ RemoteReport run_remote(const RemoteOptions& opts, const RemoteProgress& progres
       throw SystemError(what, "workload '" + w + "' is unknown", "give --workloads as a list of seqread, seqwrite, randread, randwrite");
     }
   }
-  RemoteReport r;
-  r.options = opts;
-  r.environment = environment_summary();
-  if (opts.baselines) {
-    if (progress) progress("link baselines", 0);
-    r.baselines = run_baselines(opts);
-  }
-  if (opts.cross_check) {
-    if (progress) progress("perftest and iperf3 cross-checks", 0);
-    CrossCheckOptions co;
-    co.host = opts.host;
-    co.seconds = opts.runtime_s;
-    co.perftest_iterations = opts.cross_check_iterations;
-    co.in_flight = std::max(1u, opts.iodepth * opts.queues);  // as the sequential workloads
-    co.start_servers = is_local_address(opts.host);
-    co.rdma = std::find(opts.transports.begin(), opts.transports.end(), "rdma") != opts.transports.end();
-    co.tcp = std::find(opts.transports.begin(), opts.transports.end(), "tcp") != opts.transports.end();
-    r.cross_checks = run_cross_checks(co);
+  if (opts.repeat < 1 || opts.repeat > 100) {
+    throw SystemError(what, "--repeat " + std::to_string(opts.repeat) + " is not from 1 to 100", "give --repeat 1 to 100");
   }
   const auto workloads = std::count_if(std::begin(kWorkloads), std::end(kWorkloads),
                                        [&](const WorkloadSpec& s) { return wanted(opts, s.name); });
-  const double per_transport = static_cast<double>(static_cast<std::size_t>(workloads) + opts.qd_sweep.size() + (opts.verify ? 1 : 0));
-  const double steps = per_transport * static_cast<double>(opts.transports.size());
+  const double per_transport = static_cast<double>(static_cast<std::size_t>(workloads) + opts.qd_sweep.size());
+  const double transports = static_cast<double>(opts.transports.size());
+  const double steps = per_transport * transports * opts.repeat + (opts.verify ? transports : 0);
   double step = 0;
-  for (const auto& t : opts.transports) {
-    r.transports.push_back(run_transport(opts, t, step, steps, progress));
-    step += per_transport;
+  // Each repetition is a whole run, references and ibdisk, so that a ratio is taken between
+  // figures measured close together; the order alternates so neither side always runs first
+  // (after the other has warmed caches and clocks, or while a neighbour's load ramps up).
+  std::vector<RemoteReport> reps;
+  std::vector<bool> verified(opts.transports.size(), !opts.verify);
+  for (unsigned i = 0; i < opts.repeat; ++i) {
+    const std::string label =
+        opts.repeat > 1 ? "repetition " + std::to_string(i + 1) + "/" + std::to_string(opts.repeat) + ": " : "";
+    RemoteReport one;
+    one.options = opts;
+    const auto references = [&] {
+      if (opts.baselines) {
+        if (progress) progress(label + "link baselines", step / steps);
+        one.baselines = run_baselines(opts);
+      }
+      if (opts.cross_check) {
+        if (progress) progress(label + "perftest and iperf3 cross-checks", step / steps);
+        CrossCheckOptions co;
+        co.host = opts.host;
+        co.seconds = opts.runtime_s;
+        co.perftest_iterations = opts.cross_check_iterations;
+        co.in_flight = std::max(1u, opts.iodepth * opts.queues);  // as the sequential workloads
+        co.start_servers = is_local_address(opts.host);
+        co.rdma = std::find(opts.transports.begin(), opts.transports.end(), "rdma") != opts.transports.end();
+        co.tcp = std::find(opts.transports.begin(), opts.transports.end(), "tcp") != opts.transports.end();
+        one.cross_checks = run_cross_checks(co);
+      }
+    };
+    const bool references_first = i % 2 == 0;
+    if (references_first) references();
+    for (std::size_t k = 0; k < opts.transports.size(); ++k) {
+      const bool verify = !verified[k];
+      one.transports.push_back(run_transport(opts, opts.transports[k], step, steps, progress, label, verify));
+      if (verify && one.transports.back().verify.ran) verified[k] = true;
+      step += per_transport + (verify ? 1 : 0);
+    }
+    if (!references_first) references();
+    apply_fractions(one);
+    reps.push_back(std::move(one));
   }
-  apply_fractions(r);
+  RemoteReport r = merge_repetitions(reps);
+  r.environment = environment_summary();
   if (progress) progress("done", 1);
   return r;
 }
@@ -787,6 +979,9 @@ std::string remote_json(const RemoteReport& r) {
       if (!b.latency_skipped.empty()) j["latency_skipped"] = b.latency_skipped;
       if (b.write_lat_us >= 0) j["latency_us"] = {{"size", kLatencySize}, {"write", b.write_lat_us}, {"read", b.read_lat_us}};
       j["checksums_match"] = b.checksums_match;
+      j["repetitions"] = {{"count", b.read_repetitions.size()},
+                          {"write_mb_s", spread_json(b.write_repetitions)},
+                          {"read_mb_s", spread_json(b.read_repetitions)}};
     }
     baselines.push_back(j);
   }
@@ -802,6 +997,7 @@ std::string remote_json(const RemoteReport& r) {
       j["mb_s"] = c.mb_s;
       j["baseline_mb_s"] = own > 0 ? Json(own) : Json(nullptr);
       j["baseline_ratio"] = own > 0 ? Json(own / c.mb_s) : Json(nullptr);
+      if (!c.repetitions.empty()) j["repetitions"] = {{"count", c.repetitions.size()}, {"mb_s", spread_json(c.repetitions)}};
     }
     checks.push_back(j);
   }
@@ -842,7 +1038,8 @@ std::string remote_json(const RemoteReport& r) {
                           {"allow_write", o.allow_write},
                           {"verify", o.verify},
                           {"qd_sweep", o.qd_sweep},
-                          {"workloads", o.workloads}}},
+                          {"workloads", o.workloads},
+                          {"repeat", o.repeat}}},
                         {"environment", env},
                         {"baselines", baselines},
                         {"cross_checks", checks},
@@ -854,6 +1051,11 @@ std::string remote_text(const RemoteReport& r) {
   std::string s;
   char line[512];
   s += "ibdisk bench " + r.options.host + ":" + std::to_string(r.options.port) + "/" + r.options.export_name + "\n";
+  const bool reps = r.options.repeat > 1;
+  if (reps) {
+    s += std::to_string(r.options.repeat) + " repetitions, the link references before ibdisk in odd ones and after it "
+         "in even ones: each figure is the median, MB/s range the lowest-highest repetition\n";
+  }
   s += "link baselines (ibdisk self-test, 1 MiB transfers):\n";
   if (r.baselines.empty()) s += "  none (--no-baselines)\n";
   for (const auto& b : r.baselines) {
@@ -863,6 +1065,12 @@ std::string remote_text(const RemoteReport& r) {
       std::snprintf(line, sizeof line, "  %-4s  write %.1f MB/s  read %.1f MB/s  (%s)\n", b.transport.c_str(),
                     b.write_mb_s, b.read_mb_s, b.peer.c_str());
       s += line;
+      if (reps) {
+        const Spread w = spread_of(b.write_repetitions), rd = spread_of(b.read_repetitions);
+        std::snprintf(line, sizeof line, "        %zu repetitions: write %.1f-%.1f MB/s  read %.1f-%.1f MB/s\n",
+                      w.values.size(), w.min, w.max, rd.min, rd.max);
+        s += line;
+      }
       if (b.write_lat_us >= 0) {
         std::snprintf(line, sizeof line, "        64-byte latency: WRITE %.1f us  READ %.1f us\n", b.write_lat_us,
                       b.read_lat_us);
@@ -894,9 +1102,9 @@ std::string remote_text(const RemoteReport& r) {
     std::istringstream cmds(cross_check_server_commands(co));
     for (std::string c; std::getline(cmds, c);) s += "    " + c + "\n";
   }
-  std::snprintf(line, sizeof line, "\n%-5s %-10s %7s %5s %10s %10s %8s %8s %8s %8s %9s %6s %6s %6s\n", "link",
-                "workload", "bs", "qd", "MB/s", "IOPS", "min us", "p50 us", "p99 us", "p99.9 us", "max us", "cli%",
-                "srv%", "link%");
+  std::snprintf(line, sizeof line, "\n%-5s %-10s %7s %5s %10s%s %10s %8s %8s %8s %8s %9s %6s %6s %6s\n", "link",
+                "workload", "bs", "qd", "MB/s", reps ? "      MB/s range" : "",
+                "IOPS", "min us", "p50 us", "p99 us", "p99.9 us", "max us", "cli%", "srv%", "link%");
   s += line;
   for (const auto& t : r.transports) {
     if (!t.skipped.empty()) {
@@ -907,11 +1115,17 @@ std::string remote_text(const RemoteReport& r) {
       if (!w.skipped.empty()) {
         std::snprintf(line, sizeof line, "%-5s %-10s skipped: %s\n", t.name.c_str(), label.c_str(), w.skipped.c_str());
       } else {
-        std::snprintf(line, sizeof line, "%-5s %-10s %7s %5u %10.1f %10.0f %8.1f %8.1f %8.1f %8.1f %9.1f %6.0f %6s %6s\n",
+        std::string range;
+        if (reps) {
+          char cell[64];
+          std::snprintf(cell, sizeof cell, " %15s", range_text(w.repetitions, mb_s_of, "%.1f").c_str());
+          range = cell;
+        }
+        std::snprintf(line, sizeof line, "%-5s %-10s %7s %5u %10.1f%s %10.0f %8.1f %8.1f %8.1f %8.1f %9.1f %6.0f %6s %6s\n",
                       t.name.c_str(), label.c_str(),
                       w.block_size >= (1u << 20) ? (std::to_string(w.block_size >> 20) + "M").c_str()
                                                  : (std::to_string(w.block_size >> 10) + "K").c_str(),
-                      w.in_flight, w.mb_s, w.iops, w.latency.min_us, w.latency.p50_us, w.latency.p99_us,
+                      w.in_flight, w.mb_s, range.c_str(), w.iops, w.latency.min_us, w.latency.p50_us, w.latency.p99_us,
                       w.latency.p999_us, w.latency.max_us, w.client_cpu_percent,
                       w.server_cpu_percent < 0 ? "-" : fmt("%.0f", w.server_cpu_percent).c_str(),
                       pct(w.link_fraction).c_str());
@@ -927,7 +1141,10 @@ std::string remote_text(const RemoteReport& r) {
         if (!w.link_reference.empty() && refs.find(ref) == std::string::npos) refs += (refs.empty() ? "" : ", ") + ref;
       }
     }
-    if (!refs.empty()) s += t.name + ": % of link: " + refs + "\n";
+    if (!refs.empty()) {
+      s += t.name + ": % of link: " + refs +
+           (reps ? " (median of per-repetition ratios, reference and ibdisk alternating)" : "") + "\n";
+    }
     if (t.verify.ran) {
       if (t.verify.ok()) {
         s += t.name + ": verify: " + std::to_string(t.verify.blocks) + " blocks (" + std::to_string(t.verify.bytes) +
@@ -1015,6 +1232,16 @@ std::string bar_chart(const std::string& title, const std::string& unit, const s
 
 }  // namespace
 
+namespace {
+// MB/s min, max and each repetition's, as table cells that leave the next cell open.
+std::string repetition_cells(const WorkloadResult& w) {
+  const Spread m = spread_of(figures(w.repetitions, mb_s_of));
+  std::string each;
+  for (const double v : m.values) each += (each.empty() ? "" : ", ") + fmt("%.1f", v);
+  return fmt("%.1f", m.min) + "</td><td>" + fmt("%.1f", m.max) + "</td><td>" + each + "</td><td>";
+}
+}  // namespace
+
 std::string remote_html(const RemoteReport& r) {
   const std::string title = "ibdisk bench " + r.options.host + ":" + std::to_string(r.options.port) + "/" + r.options.export_name;
   std::string s = "<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>" + html_escape(title) +
@@ -1072,24 +1299,32 @@ std::string remote_html(const RemoteReport& r) {
   }
   s += bar_chart("Queue-depth sweep: 4 KiB random reads", "IOPS", sgroups, sseries, sweep, false, "requests in flight") + "\n";
 
-  s += "<h2>Results</h2><table><tr><th>transport</th><th>workload</th><th>bs</th><th>in flight</th><th>MB/s</th>"
-       "<th>IOPS</th><th>min us</th><th>p50 us</th><th>p99 us</th><th>p99.9 us</th><th>max us</th><th>client CPU %</th>"
+  const bool reps = r.options.repeat > 1;
+  const std::string extra = reps ? "3" : "0";  // columns of the repetitions
+  if (reps) {
+    s += "<p>" + std::to_string(r.options.repeat) +
+         " repetitions, the link references before ibdisk in odd ones and after it in even ones. Each figure is the "
+         "median of the repetitions; the ratio to the link is the median of the per-repetition ratios.</p>\n";
+  }
+  s += std::string("<h2>Results</h2><table><tr><th>transport</th><th>workload</th><th>bs</th><th>in flight</th><th>MB/s") +
+       (reps ? " (median)</th><th>MB/s min</th><th>MB/s max</th><th>MB/s per repetition" : "") +
+       "</th><th>IOPS</th><th>min us</th><th>p50 us</th><th>p99 us</th><th>p99.9 us</th><th>max us</th><th>client CPU %</th>"
        "<th>target CPU %</th><th>of link</th></tr>\n";
   for (const auto& t : r.transports) {
     if (!t.skipped.empty()) {
-      s += "<tr><td class='l'>" + html_escape(t.name) + "</td><td class='l' colspan='13'>skipped: " +
+      s += "<tr><td class='l'>" + html_escape(t.name) + "</td><td class='l' colspan='" + std::to_string(13 + std::stoi(extra)) + "'>skipped: " +
            html_escape(t.skipped) + "</td></tr>\n";
       continue;
     }
     const auto row = [&](const WorkloadResult& w, const std::string& label) {
       if (!w.skipped.empty()) {
-        s += "<tr><td class='l'>" + t.name + "</td><td class='l'>" + label + "</td><td class='l' colspan='12'>skipped: " +
+        s += "<tr><td class='l'>" + t.name + "</td><td class='l'>" + label + "</td><td class='l' colspan='" + std::to_string(12 + std::stoi(extra)) + "'>skipped: " +
              html_escape(w.skipped) + "</td></tr>\n";
         return;
       }
       s += "<tr><td class='l'>" + t.name + "</td><td class='l'>" + label + "</td><td>" + std::to_string(w.block_size) +
            "</td><td>" + std::to_string(w.in_flight) + "</td><td>" + fmt("%.1f", w.mb_s) + "</td><td>" +
-           fmt("%.0f", w.iops) + "</td><td>" + fmt("%.1f", w.latency.min_us) + "</td><td>" +
+           (reps ? repetition_cells(w) : std::string()) + fmt("%.0f", w.iops) + "</td><td>" + fmt("%.1f", w.latency.min_us) + "</td><td>" +
            fmt("%.1f", w.latency.p50_us) + "</td><td>" + fmt("%.1f", w.latency.p99_us) + "</td><td>" +
            fmt("%.1f", w.latency.p999_us) + "</td><td>" + fmt("%.1f", w.latency.max_us) + "</td><td>" +
            fmt("%.0f", w.client_cpu_percent) + "</td><td>" +

@@ -40,7 +40,18 @@ struct RemoteOptions {
   unsigned cross_check_iterations = 1000;  // perftest's 1 MiB messages per direction
   int server_pid = 0;  // the target's process on this host, for its CPU use; 0 = ask the target
   std::uint64_t seed = 1;
+  // Runs of the whole measurement (link references and every transport's workloads), 1 to 100.
+  // The references run before ibdisk in odd repetitions and after it in even ones.
+  unsigned repeat = 1;
 };
+
+// One figure over the repetitions: the median is the headline (for an even count, the mean of
+// the two middle values), min and max its spread, values in the order the repetitions ran.
+struct Spread {
+  std::vector<double> values;
+  double median = 0, min = 0, max = 0;  // 0 when there are no values
+};
+Spread spread_of(std::vector<double> values);
 
 struct WorkloadResult {
   std::string name;  // "seqread", "seqwrite", "randread", "randwrite"
@@ -55,6 +66,11 @@ struct WorkloadResult {
   double link_fraction = -1;       // mb_s / the link reference in the same direction; -1 = none
   std::string link_reference;      // what that was measured with: "iperf3", "ib_read_bw", ... or "self-test"
   std::string skipped;             // why it did not run, when it did not
+  // Each repetition that ran, in order (their own `repetitions` empty). The figures above
+  // summarize them: MB/s, IOPS, latencies and CPU are medians, link_fraction is the median of
+  // the per-repetition ratios (each against the reference measured in the same repetition),
+  // ios, bytes and seconds are sums.
+  std::vector<WorkloadResult> repetitions;
 };
 
 struct VerifyResult {
@@ -87,6 +103,8 @@ struct Baseline {
   // self-test connections; -1 when not measured.
   double write_lat_us = -1, read_lat_us = -1;
   std::string latency_skipped;  // why the latency was not measured, when it was tried
+  // MB/s of each repetition that measured the link; write_mb_s and read_mb_s are their medians.
+  std::vector<double> write_repetitions, read_repetitions;
 };
 
 struct RemoteReport {

@@ -207,6 +207,86 @@ TEST_F(BenchRemote, UnknownWorkloadRefused) {
   }
 }
 
+// The repetitions' summary: median (mean of the two middle values for an even count), range,
+// and the values in the order they ran.
+TEST(BenchSpread, MedianMinMaxValues) {
+  const auto odd = bench::spread_of({3, 1, 2});
+  EXPECT_EQ(odd.median, 2);
+  EXPECT_EQ(odd.min, 1);
+  EXPECT_EQ(odd.max, 3);
+  EXPECT_EQ(odd.values, (std::vector<double>{3, 1, 2}));
+  EXPECT_EQ(bench::spread_of({4, 1, 3, 2}).median, 2.5);
+  const auto one = bench::spread_of({7.5});
+  EXPECT_EQ(one.median, 7.5);
+  EXPECT_EQ(one.min, 7.5);
+  EXPECT_EQ(one.max, 7.5);
+  const auto none = bench::spread_of({});
+  EXPECT_TRUE(none.values.empty());
+  EXPECT_EQ(none.median, 0);
+}
+
+// --repeat 2: every figure is the median of its repetitions, each repetition kept; the link
+// fraction is the median of per-repetition ratios (each against its own baseline run), the
+// baselines measured once per repetition, and the verify pass runs once.
+TEST_F(BenchRemote, RepetitionsMedianAndSpread) {
+  auto o = options();
+  o.workloads = {"seqread", "randread"};
+  o.qd_sweep = {2};
+  o.runtime_s = 0.15;
+  o.repeat = 2;
+  const auto r = bench::run_remote(o);
+  const auto& t = r.transports.at(0);
+  ASSERT_TRUE(t.skipped.empty()) << t.skipped;
+  ASSERT_EQ(t.workloads.size(), 2u);
+  for (const auto* w : {&t.workloads[0], &t.workloads[1], &t.sweep.at(0)}) {
+    ASSERT_EQ(w->repetitions.size(), 2u) << w->name;
+    const auto& a = w->repetitions[0];
+    const auto& b = w->repetitions[1];
+    EXPECT_DOUBLE_EQ(w->mb_s, (a.mb_s + b.mb_s) / 2) << w->name;
+    EXPECT_DOUBLE_EQ(w->iops, (a.iops + b.iops) / 2) << w->name;
+    EXPECT_EQ(w->ios, a.ios + b.ios) << w->name;
+    ASSERT_GT(a.link_fraction, 0) << w->name;
+    ASSERT_GT(b.link_fraction, 0) << w->name;
+    EXPECT_DOUBLE_EQ(w->link_fraction, (a.link_fraction + b.link_fraction) / 2) << w->name;
+    EXPECT_TRUE(a.repetitions.empty());
+  }
+  ASSERT_EQ(r.baselines.size(), 1u);
+  const auto& base = r.baselines[0];
+  ASSERT_EQ(base.read_repetitions.size(), 2u);
+  EXPECT_DOUBLE_EQ(base.read_mb_s, (base.read_repetitions[0] + base.read_repetitions[1]) / 2);
+  // Each repetition's ratio is against the baseline measured in that repetition.
+  const auto& w = t.workloads[0];
+  EXPECT_DOUBLE_EQ(w.repetitions[1].link_fraction, w.repetitions[1].mb_s / base.read_repetitions[1]);
+
+  const auto j = nlohmann::json::parse(bench::remote_json(r));
+  EXPECT_EQ(j["schema"].get<int>(), 1);
+  EXPECT_EQ(j["options"]["repeat"].get<int>(), 2);
+  const auto& reps = j["transports"][0]["workloads"][0]["repetitions"];
+  EXPECT_EQ(reps["count"].get<int>(), 2);
+  EXPECT_EQ(reps["mb_s"]["values"].size(), 2u);
+  EXPECT_DOUBLE_EQ(reps["mb_s"]["median"].get<double>(), j["transports"][0]["workloads"][0]["mb_s"].get<double>());
+  EXPECT_EQ(j["baselines"][0]["repetitions"]["read_mb_s"]["values"].size(), 2u);
+  const auto text = bench::remote_text(r);
+  EXPECT_NE(text.find("MB/s range"), std::string::npos) << text;
+  EXPECT_NE(text.find("median of per-repetition ratios"), std::string::npos) << text;
+  const auto html = bench::remote_html(r);
+  EXPECT_NE(html.find("MB/s per repetition"), std::string::npos);
+}
+
+// One repetition (the default) keeps the table as it was: no range column.
+TEST_F(BenchRemote, OneRepetitionKeepsTheTable) {
+  auto o = options();
+  o.baselines = false;
+  o.workloads = {"randread"};
+  o.qd_sweep = {1};
+  o.runtime_s = 0.1;
+  const auto r = bench::run_remote(o);
+  const auto& w = r.transports.at(0).workloads.at(0);
+  ASSERT_EQ(w.repetitions.size(), 1u);
+  EXPECT_EQ(w.mb_s, w.repetitions[0].mb_s);
+  EXPECT_EQ(bench::remote_text(r).find("MB/s range"), std::string::npos);
+}
+
 // The tools' outputs as they print them (perftest 6.06 on Soft-RoCE, iperf3 3.12), trimmed.
 TEST(CrossCheckParse, PerftestAndIperf3) {
   const std::string perftest =

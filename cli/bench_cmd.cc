@@ -46,7 +46,7 @@ std::vector<std::string> split_list(const std::string& text) {
 
 void draw_bar(const std::string& step, double f) {
   const int width = 40, filled = static_cast<int>(f * width);
-  std::fprintf(stderr, "\r[%.*s%*s] %3.0f%% %-32.32s", filled, "########################################", width - filled, "",
+  std::fprintf(stderr, "\r[%.*s%*s] %3.0f%% %-50.50s", filled, "########################################", width - filled, "",
                f * 100, step.c_str());
   std::fflush(stderr);
 }
@@ -85,9 +85,19 @@ int run_remote(Args& a) {
   }
   const bool tty = ::isatty(STDERR_FILENO);
   bench::RemoteProgress progress;
-  if (tty) progress = draw_bar;
+  if (tty) {
+    progress = draw_bar;
+  } else if (o.repeat > 1) {
+    // No bar off a terminal; a log still says which repetition runs.
+    progress = [last = std::string()](const std::string& step, double) mutable {
+      const auto colon = step.find(':');
+      if (step.rfind("repetition ", 0) != 0 || colon == std::string::npos || step.compare(0, colon, last) == 0) return;
+      last = step.substr(0, colon);
+      std::fprintf(stderr, "bench: %s\n", last.c_str());
+    };
+  }
   const auto report = bench::run_remote(o, progress);
-  if (tty) std::fprintf(stderr, "\r%90s\r", "");
+  if (tty) std::fprintf(stderr, "\r%100s\r", "");
   if (!a.html.empty()) {
     std::ofstream out(a.html);
     out << bench::remote_html(report);
@@ -138,6 +148,7 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
       "compare with `fio --ioengine=io_uring` using the same --rw/--bs/--iodepth/--direct (bench/storage-vs-fio).\n"
       "HOST[:PORT]/EXPORT: sequential 1 MiB and random 4 KiB reads and writes over RDMA and TCP, a queue-depth\n"
       "sweep, link baselines from the self-test, an optional --verify pass; --json, --html FILE.\n"
+      "--repeat N runs it all N times (references and ibdisk alternating) and reports medians with min-max.\n"
       "Write workloads overwrite the data of PATH, or of EXPORT when --allow-write is given.");
   sub->add_option("target", args->target, "HOST[:PORT]/EXPORT to measure over the network");
   sub->add_option("--local", args->local.path, "file or block device to measure the storage engine on (no network)");
@@ -189,6 +200,11 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
                   "network mode: 1 MiB messages per perftest run for --cross-check")
       ->capture_default_str()
       ->check(CLI::Range(5u, 1000000u));
+  sub->add_option("--repeat", args->remote.repeat,
+                  "network mode: run the link references and every workload N times, alternating which goes "
+                  "first; report each figure's median, its min-max range and every repetition (--json, --html)")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 100u));
   sub->add_option("--server-pid", args->remote.server_pid,
                   "network mode: read the target's CPU use from /proc for this process on this host "
                   "(default: from the target's Stats reply)");
@@ -206,7 +222,7 @@ void add_bench(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
     const std::vector<std::string> others =
         local ? std::vector<std::string>{"--transports", "--queues", "--workloads", "--qd-sweep", "--allow-write", "--verify",
                                          "--html", "--baseline-peer", "--no-baselines", "--cross-check",
-                                         "--cross-check-iterations", "--server-pid", "--key-file", "--timeout"}
+                                         "--cross-check-iterations", "--repeat", "--server-pid", "--key-file", "--timeout"}
               : std::vector<std::string>{"--rw", "--bs", "--direct", "--fixed-buffers", "--force"};
     for (const auto& name : others) {
       if (sub->count(name) > 0) {

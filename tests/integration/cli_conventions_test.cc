@@ -127,6 +127,15 @@ TEST(CliConventions, ConflictsRefused) {
   const auto mode = run({kBin, "bench", "--local", "/etc/hostname", "--transports", "tcp"});
   EXPECT_EQ(mode.exit_code, 2);
   EXPECT_TRUE(has(mode, "--transports is for the network mode")) << mode.output;
+  // bench --repeat: 1 to 100 repetitions, and only over the network.
+  for (const char* n : {"0", "101"}) {
+    const auto repeat = run({kBin, "bench", "127.0.0.1:1/x", "--repeat", n});
+    EXPECT_EQ(repeat.exit_code, 2) << n << ": " << repeat.output;
+    EXPECT_TRUE(has(repeat, "--repeat")) << repeat.output;
+  }
+  const auto local_repeat = run({kBin, "bench", "--local", "/etc/hostname", "--repeat", "3"});
+  EXPECT_EQ(local_repeat.exit_code, 2);
+  EXPECT_TRUE(has(local_repeat, "--repeat is for the network mode")) << local_repeat.output;
   const auto both = run({kBin, "copy", "127.0.0.1:1/x", "-", "--verify"});
   EXPECT_EQ(both.exit_code, 2);
   EXPECT_TRUE(has(both, "--verify cannot read standard output")) << both.output;

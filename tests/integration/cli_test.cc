@@ -4,9 +4,11 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <iterator>
+#include <nlohmann/json.hpp>
 
 #include "common/checksum.h"
 #include "tests/support/fixtures.h"
@@ -234,6 +236,44 @@ TEST(CliCopy, DownloadIntoAnExistingLongerFileIsByteEqual) {
                           << (first < got.size() ? static_cast<unsigned>(static_cast<unsigned char>(got[first])) : 0u)
                           << ")";
   }
+}
+
+// bench --repeat 3 against a real `ibdisk serve`: every measurement carries its three
+// repetitions, the headline is their median, and the range holds it.
+TEST_F(Cli, BenchRepeat) {
+  const auto r = run({IBDISK_BINARY, "bench", remote("vm1"), "--transports", "tcp", "--workloads", "randread",
+                      "--qd-sweep", "1", "--runtime", "0.1", "--repeat", "3", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const auto start = r.output.find('{');
+  ASSERT_NE(start, std::string::npos) << r.output;
+  const auto j = nlohmann::json::parse(r.output.substr(start));
+  EXPECT_EQ(j["options"]["repeat"].get<int>(), 3);
+  const auto& t = j["transports"].at(0);
+  ASSERT_FALSE(t.contains("skipped")) << t;
+  std::vector<nlohmann::json> measurements{t["workloads"].at(0), t["qd_sweep"].at(0)};
+  ASSERT_EQ(measurements[0]["name"], "randread");
+  for (const auto& w : measurements) {
+    const auto& reps = w["repetitions"];
+    EXPECT_EQ(reps["count"].get<int>(), 3) << w;
+    for (const char* figure : {"mb_s", "iops"}) {
+      SCOPED_TRACE(figure);
+      auto values = reps[figure]["values"].get<std::vector<double>>();
+      ASSERT_EQ(values.size(), 3u) << w;
+      std::sort(values.begin(), values.end());
+      EXPECT_DOUBLE_EQ(w[figure].get<double>(), values[1]) << w;
+      EXPECT_DOUBLE_EQ(reps[figure]["median"].get<double>(), values[1]) << w;
+      EXPECT_LE(reps[figure]["min"].get<double>(), reps[figure]["median"].get<double>()) << w;
+      EXPECT_LE(reps[figure]["median"].get<double>(), reps[figure]["max"].get<double>()) << w;
+      EXPECT_DOUBLE_EQ(reps[figure]["min"].get<double>(), values[0]) << w;
+      EXPECT_DOUBLE_EQ(reps[figure]["max"].get<double>(), values[2]) << w;
+    }
+    // The ratio to the link: the median of the three per-repetition ratios.
+    auto ratios = reps["link_fraction"]["values"].get<std::vector<double>>();
+    ASSERT_EQ(ratios.size(), 3u) << w;
+    std::sort(ratios.begin(), ratios.end());
+    EXPECT_DOUBLE_EQ(w["link_fraction"].get<double>(), ratios[1]) << w;
+  }
+  EXPECT_EQ(j["baselines"].at(0)["repetitions"]["read_mb_s"]["values"].size(), 3u) << j["baselines"];
 }
 
 }  // namespace

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <mutex>
 #include <random>
+#include <set>
 #include <stdexcept>
 
 #include "transport/tcp/asio.h"
@@ -39,9 +41,18 @@ target::ServerOptions loopback_target(const std::string& path, bool read_only, u
 }
 
 std::uint16_t free_port() {
-  boost::asio::io_context io;
-  boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
-  return a.local_endpoint().port();
+  // The kernel may hand the same port to two binds in a row once the first socket is closed:
+  // a test asking for two ports (ibdisk's and the NBD one) then got one port twice and its
+  // target failed with "Address already in use". Never return a port twice in one process.
+  static std::mutex mu;
+  static std::set<std::uint16_t> given;
+  std::lock_guard lock(mu);
+  for (;;) {
+    boost::asio::io_context io;
+    boost::asio::ip::tcp::acceptor a(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+    const std::uint16_t port = a.local_endpoint().port();
+    if (given.insert(port).second) return port;
+  }
 }
 
 ServerThread::ServerThread(target::ServerOptions opts, const std::function<void(target::Server&)>& before_run)

@@ -15,6 +15,7 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "cli/liveness_options.h"
 #include "common/json.h"
 #include "common/auth.h"
 #include "common/error.h"
@@ -37,6 +38,7 @@ struct AttachArgs {
   std::string kernel = "auto";
   bool daemon = false;
   std::string state_dir = initiator::kDefaultStateDir;
+  LivenessArgs liveness;
 };
 
 AttachOptions to_options(const AttachArgs& a) {
@@ -52,6 +54,7 @@ AttachOptions to_options(const AttachArgs& a) {
   if (!a.key_file.empty()) load_key_file(a.key_file, KeyUser::kInitiator);
   o.client.queues = a.queues;
   o.client.timeout = std::chrono::milliseconds(static_cast<long>(a.timeout_s * 1000));
+  apply_liveness(a.liveness, &o.client);
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   o.client.client_name = name;
@@ -271,6 +274,7 @@ void add_attach_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
         ->check(CLI::IsMember({"auto", "netlink", "ioctl"}));
     sub->add_flag("--daemon", a->daemon, "return once the device exists and keep serving it in the background");
     sub->add_option("--state-dir", a->state_dir, "where attach keeps one state file per device")->capture_default_str();
+    add_liveness_options(sub, a->liveness);
     on_run(sub, [a] { return run_attach_cmd(*a); });
   }
   {

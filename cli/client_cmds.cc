@@ -14,6 +14,7 @@
 
 #include "cli/commands.h"
 #include "cli/format.h"
+#include "cli/liveness_options.h"
 #include "cli/transport_choice.h"
 #include "common/json.h"
 #include "common/auth.h"
@@ -33,6 +34,7 @@ struct Common {
   double timeout_s = 10;
   bool json = false;
   std::string transport = "auto";
+  LivenessArgs liveness;
 };
 
 void add_common(CLI::App* sub, Common& c, bool json) {
@@ -42,6 +44,7 @@ void add_common(CLI::App* sub, Common& c, bool json) {
   sub->add_option("--transport", c.transport, "auto tries RDMA (a few seconds), then TCP; rdma or tcp forces one")
       ->capture_default_str()
       ->check(CLI::IsMember({"auto", "rdma", "tcp"}));
+  add_liveness_options(sub, c.liveness);
 }
 
 ClientOptions options_for(const std::string& host, std::uint16_t port, const Common& c) {
@@ -53,6 +56,7 @@ ClientOptions options_for(const std::string& host, std::uint16_t port, const Com
   o.key_file = c.key_file;
   o.timeout = std::chrono::milliseconds(static_cast<long>(c.timeout_s * 1000));
   o.transport = choose_transport(c.transport);
+  apply_liveness(c.liveness, &o);
   char name[256] = {};
   ::gethostname(name, sizeof name - 1);
   o.client_name = name;

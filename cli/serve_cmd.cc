@@ -29,6 +29,7 @@ struct ServeArgs {
   std::uint16_t nbd_port = nbd::kDefaultPort;
   double handshake_timeout_s = 30;
   double stop_timeout_s = 10;
+  double session_timeout_s = 20;
 };
 
 // The NBD front end has no authentication of its own: beyond loopback it needs an allow-list
@@ -75,6 +76,7 @@ int run_serve(ServeArgs& a, const CLI::App& sub) {
   const auto ms = [](double s) { return std::chrono::milliseconds(static_cast<std::int64_t>(s * 1000)); };
   a.opts.handshake_timeout = ms(a.handshake_timeout_s);
   a.opts.stop_timeout = ms(a.stop_timeout_s);
+  a.opts.session_timeout = ms(a.session_timeout_s);
   for (const auto& spec : a.exports) a.opts.exports.push_back(parse_export(spec));
   if (sub.count("--nbd-port") > 0) a.nbd = true;  // a port for the NBD front end asks for it
   if (!a.listen.empty()) {
@@ -161,6 +163,12 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
       ->check(CLI::Range(0.1, 3600.0));
   sub->add_option("--stop-timeout", a->stop_timeout_s,
                   "SECONDS SIGTERM waits for in-flight I/O and unsent replies before closing what is left")
+      ->capture_default_str()
+      ->check(CLI::Range(0.0, 3600.0));
+  sub->add_option("--session-timeout", a->session_timeout_s,
+                  "SECONDS without a word from an initiator's queue before it is closed as lost; a session whose\n"
+                  "queues are all lost ends " + std::to_string(target::kRejoinGrace.count()) +
+                      " s later, releasing its exports (0: never; see docs/attach.md, TIMEOUTS)")
       ->capture_default_str()
       ->check(CLI::Range(0.0, 3600.0));
   sub->add_flag("--nbd", a->nbd, "also serve the exports over plain NBD (nbd-client, qemu, nbdcopy; see docs/nbd.md)");

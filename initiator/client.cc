@@ -16,6 +16,8 @@ auto log() {
 }
 constexpr std::chrono::seconds kProbeInterval{5};
 constexpr std::chrono::milliseconds kProbeTimeout{1000};
+constexpr std::chrono::milliseconds kLivenessTick{100};  // how often run_until looks at the clocks
+double seconds(std::chrono::steady_clock::duration d) { return std::chrono::duration<double>(d).count(); }
 }  // namespace
 
 void parse_host_port(const std::string& text, std::string* host, std::uint16_t* port) {
@@ -99,6 +101,12 @@ struct Client::Queue {
   bool draining_primary = false;
   unsigned depth = 0;
   unsigned inflight = 0;
+  // Liveness of conn: when it last received anything, its heartbeat in flight (0: none),
+  // whether its target takes heartbeats (version 3), and whether it was declared lost.
+  std::chrono::steady_clock::time_point heard{};
+  std::uint64_t heartbeat_tag = 0;
+  bool heartbeats = false;
+  const transport::ClientConnection* silent = nullptr;
   std::uint64_t next_tag = 1;
   struct Pending {
     wire::Command cmd;
@@ -122,6 +130,7 @@ Client::Admitted Client::open_queue(bool primary, bool fallback, std::chrono::mi
   co.queue_depth = std::clamp(opts.queue_depth, 1u, wire::kMaxQueueDepth);
   co.max_io = std::clamp<std::uint32_t>(opts.max_io, 4096, wire::kMaxIoSize);
   co.call_timeout = opts.timeout;
+  co.peer_timeout = opts.io_timeout;
   Admitted a;
   if (primary) {
     co.connect_timeout = std::min(primary_timeout, opts.timeout);
@@ -178,7 +187,7 @@ void Client::admit(transport::ClientConnection& c, std::uint32_t replaces, Admit
   const std::string client_nonce = random_bytes(32);
   proto::Control hello;
   auto* h = hello.mutable_hello();
-  h->set_min_version(wire::kProtocolVersion);
+  h->set_min_version(wire::kMinProtocolVersion);
   h->set_max_version(wire::kProtocolVersion);
   h->add_transports(conn->transport_name());
   h->set_queue_depth(opts.queue_depth);
@@ -194,6 +203,14 @@ void Client::admit(transport::ClientConnection& c, std::uint32_t replaces, Admit
     throw SystemError("connecting to " + where, std::string("the target requires a key"),
                       "give --key-file with a copy of the target's key file");
   }
+  const std::uint32_t version = challenge.challenge().version();
+  if (version < wire::kMinProtocolVersion || version > wire::kProtocolVersion) {
+    throw SystemError("connecting to " + where, "the target chose protocol version " + std::to_string(version) +
+                                                    ", outside the " + std::to_string(wire::kMinProtocolVersion) + " to " +
+                                                    std::to_string(wire::kProtocolVersion) + " this initiator speaks",
+                      "use the same ibdisk release on both sides");
+  }
+  out->version = version;
   const std::string& server_nonce = challenge.challenge().server_nonce();
   server_name_ = printable_name(challenge.challenge().server_name());
   proto::Control auth;
@@ -252,6 +269,8 @@ std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
     q->depth = a.depth;
     q->queue_id = a.queue_id;
     q->queue_session = c->session_id_;
+    q->heartbeats = a.version >= wire::kHeartbeatVersion;
+    if (!q->heartbeats) log()->info("queue {}: the target speaks protocol version {}: no heartbeats", i, a.version);
     c->queues_.push_back(std::move(q));
   }
   c->next_probe_ = std::chrono::steady_clock::now() + kProbeInterval;
@@ -261,6 +280,10 @@ std::unique_ptr<Client> Client::connect(const ClientOptions& opts) {
 }
 
 Client::~Client() {
+  if (heartbeats_ || silent_losses_) {
+    log()->debug("session {:016x}: {} heartbeat(s) sent, {} connection(s) lost for silence", session_id_, heartbeats_,
+                 silent_losses_);
+  }
   for (auto& q : queues_) {
     if (q->conn) q->conn->close();
     if (q->draining) q->draining->close();
@@ -338,8 +361,20 @@ void Client::ensure_started() {
 
 void Client::start_conn(Queue& queue, transport::ClientConnection* conn) {
   Queue* q = &queue;
+  if (conn == q->conn.get()) {
+    q->heard = std::chrono::steady_clock::now();
+    q->heartbeat_tag = 0;
+    q->silent = nullptr;
+  }
   conn->start(
       [this, q, conn](const wire::Completion& c) {
+        if (conn == q->conn.get()) {
+          q->heard = std::chrono::steady_clock::now();
+          if (c.tag == q->heartbeat_tag && q->heartbeat_tag != 0) {
+            q->heartbeat_tag = 0;
+            return;
+          }
+        }
         const auto it = q->pending.find(c.tag);
         if (it == q->pending.end() || it->second.via != conn) return;
         Callback cb = std::move(it->second.cb);
@@ -359,25 +394,31 @@ void Client::start_conn(Queue& queue, transport::ClientConnection* conn) {
       });
 }
 
-Client::Admitted Client::reconnect_queue(std::uint32_t replaces) {
+Client::Admitted Client::open_allowed(std::uint32_t replaces) {
   std::string why;
+  Admitted a = open_queue(opts_.transport != "tcp", opts_.transport != "rdma", kProbeTimeout, replaces, &why);
+  if (!a.conn) throw SystemError("connecting to " + opts_.host + " over RDMA", why, "check `ibdisk setup doctor`");
+  return a;
+}
+
+Client::Admitted Client::reconnect_queue(std::uint32_t replaces) {
   const std::uint64_t tried = session_id_;
   try {
-    return open_queue(true, true, kProbeTimeout, replaces, &why);
+    return open_allowed(replaces);
   } catch (const SystemError&) {
     // A Client that opened nothing shares another's exports: a new session could not have them.
     if (!session_unknown_ || opened_.empty()) throw;
   }
   // Another queue's reconnection ran while this one waited for the target (a TCP call runs
   // io_) and has started the new session already: join that one.
-  if (session_id_ != tried) return open_queue(true, true, kProbeTimeout, 0, &why);
+  if (session_id_ != tried) return open_allowed(0);
   // The target ended the session: with a removed device it may see its queues closed as if by
   // the initiator. Start a new session; its handles replace the caller's, in the same order.
   log()->warn("session {:016x} ended on the target; starting a new one and opening its {} export(s) again", tried,
               opened_.size());
   session_id_ = 0;
   session_secret_.clear();
-  Admitted a = open_queue(true, true, kProbeTimeout, 0, &why);
+  Admitted a = open_allowed(0);
   for (auto& e : opened_) {
     proto::Control req;
     req.mutable_open()->set_name(e.name);
@@ -432,12 +473,29 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const tra
   Reconnecting one_at_a_time(*this);
   const std::string what = "queue " + std::to_string(q.index) + " to " + opts_.host + ": " + reason.detail;
   const bool was_primary = conn == q.conn.get() ? q.primary : q.draining_primary;
-  const bool failover = opts_.transport == "auto" && was_primary;
-  if (!failover) {
+  // A silent connection (io_timeout, or TCP's user timeout) is replaced on any transport: the
+  // target may well be back by the time a new connection's handshake gets through.
+  const bool replace = (opts_.transport == "auto" && was_primary) || reason.code == transport::CloseCode::kTimeout;
+  if (!replace) {
     if (lost_.empty()) lost_ = what;
     return;
   }
-  log()->info("queue {}: RDMA connection lost ({}); reconnecting", q.index, reason.detail);
+  log()->info("queue {}: {} connection lost ({}); reconnecting", q.index, conn->transport_name(), reason.detail);
+  // What the lost connection carried goes first in the backlog, in order, so the new
+  // connection sends it again within its own granted depth. Moved now: a silent connection
+  // may still answer while the new one is made, and that late answer is then ignored.
+  std::vector<std::uint64_t> tags;
+  for (const auto& [tag, p] : q.pending) {
+    if (p.via == conn) tags.push_back(tag);
+  }
+  std::sort(tags.begin(), tags.end());
+  for (auto it = tags.rbegin(); it != tags.rend(); ++it) {
+    auto node = q.pending.extract(*it);
+    node.mapped().via = nullptr;
+    q.backlog.push_front(std::move(node.mapped()));
+    --q.inflight;
+  }
+  resent_ += tags.size();
   std::unique_ptr<transport::ClientConnection> old;
   if (conn == q.draining.get()) {
     old = std::move(q.draining);
@@ -456,6 +514,7 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const tra
         q.queue_id = a.queue_id;
         q.queue_session = session_id_;
         q.depth = a.depth;  // what this connection was granted: it may be less, or more again
+        q.heartbeats = a.version >= wire::kHeartbeatVersion;
         start_conn(q, q.conn.get());
       } catch (const std::exception& e) {
         log()->error("queue {}: reconnecting failed: {}", q.index, e.what());
@@ -464,25 +523,46 @@ void Client::on_conn_lost(Queue& q, transport::ClientConnection* conn, const tra
         return;
       }
     }
-    log()->warn("queue {}: RDMA connection lost ({}); continuing over {} without failing I/O", q.index, reason.detail,
-                q.conn->transport_name());
+    log()->warn("queue {}: {} connection lost ({}); continuing over {} without failing I/O", q.index,
+                old->transport_name(), reason.detail, q.conn->transport_name());
   }
-  // What the lost connection carried goes first in the backlog, in order, so the new
-  // connection sends it again within its own granted depth.
-  std::vector<std::uint64_t> tags;
-  for (const auto& [tag, p] : q.pending) {
-    if (p.via == old.get()) tags.push_back(tag);
-  }
-  std::sort(tags.begin(), tags.end());
   retire(std::move(old));
-  for (auto it = tags.rbegin(); it != tags.rend(); ++it) {
-    auto node = q.pending.extract(*it);
-    node.mapped().via = nullptr;
-    q.backlog.push_front(std::move(node.mapped()));
-    --q.inflight;
-  }
-  resent_ += tags.size();
   dispatch(q);
+}
+
+void Client::check_liveness() {
+  const auto now = std::chrono::steady_clock::now();
+  if (now < next_liveness_) return;
+  next_liveness_ = now + kLivenessTick;
+  for (auto& qp : queues_) {
+    Queue& q = *qp;
+    if (!q.conn || !q.heartbeats || q.silent == q.conn.get()) continue;
+    const auto quiet = now - q.heard;
+    const unsigned outstanding = q.carried_by(q.conn.get());
+    if (opts_.io_timeout.count() > 0 && (outstanding > 0 || q.heartbeat_tag != 0) && quiet >= opts_.io_timeout) {
+      ++silent_losses_;
+      q.silent = q.conn.get();
+      const std::string detail = fmt::format(
+          "nothing from the target {} for {:.1f} s with {} command(s){} outstanding (--io-timeout {:g})", where_of(opts_),
+          seconds(quiet), outstanding, q.heartbeat_tag ? " and a heartbeat" : "", seconds(opts_.io_timeout));
+      log()->warn("queue {}: {}; replacing the connection", q.index, detail);
+      transport::ClientConnection* conn = q.conn.get();
+      boost::asio::post(io_, [this, &q, conn, detail] {
+        on_conn_lost(q, conn, transport::CloseReason{transport::CloseCode::kTimeout, detail});
+      });
+      continue;
+    }
+    if (opts_.heartbeat.count() > 0 && q.heartbeat_tag == 0 && quiet >= opts_.heartbeat) {
+      wire::Command hb;
+      hb.opcode = wire::Opcode::kHeartbeat;
+      hb.tag = q.next_tag++;
+      if (q.conn->submit(hb, nullptr) == 0) {
+        q.heartbeat_tag = hb.tag;
+        ++heartbeats_;
+        log()->debug("queue {}: heartbeat after {:.1f} s without a word from the target", q.index, seconds(quiet));
+      }
+    }
+  }
 }
 
 void Client::probe_rdma() {
@@ -588,7 +668,8 @@ void Client::run_until(const std::function<bool()>& done) {
   while (!done()) {
     if (!lost_.empty()) throw SystemError("I/O", lost_, "check the target's log; the session was lost");
     io_.restart();
-    io_.run_one_for(std::chrono::milliseconds(500));
+    io_.run_one_for(kLivenessTick);
+    check_liveness();
     probe_rdma();
   }
   if (!lost_.empty() && in_flight() > 0) throw SystemError("I/O", lost_, "check the target's log; the session was lost");

@@ -31,6 +31,13 @@ struct ClientOptions {
   unsigned queue_depth = 32;
   std::uint32_t max_io = wire::kMaxIoSize;
   std::chrono::milliseconds timeout{10000};
+  // Liveness (protocol version 3; docs/attach.md, TIMEOUTS): a queue on which nothing arrived
+  // for `heartbeat` sends one (the target answers at once, even while its disk is slow); a
+  // queue with anything outstanding on which nothing arrived for `io_timeout` is lost, and
+  // reconnects and resends like any lost queue. TCP sockets also get io_timeout as their user
+  // timeout and keepalive. 0 turns either off.
+  std::chrono::milliseconds heartbeat{5000};
+  std::chrono::milliseconds io_timeout{15000};
   std::string client_name;
   // "auto": RDMA when it connects within a short timeout, else TCP (logging why in one line);
   // "rdma": RDMA or an error; "tcp": TCP only.
@@ -88,6 +95,9 @@ class Client {
   const std::string& session_secret() const { return session_secret_; }
   // Commands resent on a new connection after one was lost, since the Client started.
   std::uint64_t resent() const { return resent_; }
+  // Heartbeats sent, and connections declared lost for silence (io_timeout), since the Client started.
+  std::uint64_t heartbeats() const { return heartbeats_; }
+  std::uint64_t silent_losses() const { return silent_losses_; }
   // The name the target was given (`serve --name`), its control characters replaced; may be empty.
   const std::string& server_name() const { return server_name_; }
   // Why RDMA is not carrying the session (empty when it is, or when TCP was asked for).
@@ -123,6 +133,7 @@ class Client {
     bool primary = false;        // carried by the primary transport (RDMA)
     unsigned depth = 0;
     std::uint32_t queue_id = 0;  // the target's number for it (Hello.replaces_queue)
+    std::uint32_t version = 0;   // the protocol version the target chose
   };
   void submit(unsigned q, const wire::Command& cmd, std::byte* buf, Callback cb);
   void dispatch(Queue& queue);
@@ -146,6 +157,10 @@ class Client {
   void retire(std::unique_ptr<transport::ClientConnection> conn);
   // While some queue runs on TCP (auto), tries RDMA again now and then and moves it back.
   void probe_rdma();
+  // Sends heartbeats on quiet queues and declares silent ones lost; from run_until's loop.
+  void check_liveness();
+  // Open a queue on the transports opts_.transport allows; throws when none works.
+  Admitted open_allowed(std::uint32_t replaces);
 
   boost::asio::io_context io_;
   ClientOptions opts_;
@@ -154,6 +169,8 @@ class Client {
   std::uint64_t session_id_ = 0;
   std::string session_secret_;
   std::uint64_t resent_ = 0;
+  std::uint64_t heartbeats_ = 0, silent_losses_ = 0;
+  std::chrono::steady_clock::time_point next_liveness_{};
   std::uint32_t max_io_ = 0;
   bool started_ = false;
   std::string lost_;  // why a queue was lost, once it was

@@ -88,6 +88,10 @@ DecodeError decode(std::span<const std::byte> in, Command* out) {
     case Opcode::kWriteZeroes:
       if (c.length == 0) return DecodeError::kBadLength;
       break;
+    case Opcode::kHeartbeat:
+      if (c.length != 0 || c.offset != 0) return DecodeError::kBadLength;
+      if (c.flags != 0 || c.handle != 0) return DecodeError::kReserved;
+      break;
   }
   *out = c;
   return DecodeError::kNone;

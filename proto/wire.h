@@ -13,15 +13,21 @@ namespace ibdisk::wire {
 
 // 2: sessions are joined with a proof of their secret (Auth.join_proof), queues carry ids
 // that a rejoining queue names (Hello.replaces_queue).
-inline constexpr std::uint32_t kProtocolVersion = 2;
+// 3: the heartbeat opcode (one in flight per queue beyond the granted depth), and the target
+// closes a version-3 queue it heard nothing from for its session timeout.
+inline constexpr std::uint32_t kProtocolVersion = 3;
+inline constexpr std::uint32_t kMinProtocolVersion = 2;  // the oldest this side still speaks
+inline constexpr std::uint32_t kHeartbeatVersion = 3;    // the first with heartbeats
 inline constexpr std::uint16_t kFrameMagic = 0x4249;  // "IB" read as little-endian u16
 inline constexpr std::uint32_t kMaxIoSize = 1u << 20;  // largest read/write per command
 inline constexpr std::uint32_t kMaxControlSize = 1u << 20;
 inline constexpr std::uint32_t kMaxQueueDepth = 256;
 inline constexpr std::size_t kMaxClientName = 256;  // longer Hello.client_name is cut there
 
-enum class Opcode : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4 };
-inline constexpr std::uint8_t kMaxOpcode = 4;
+// kHeartbeat: no data, no export (handle, offset, length, flags 0); the target answers it at
+// once with status 0, never through the storage, so an answered heartbeat says the target runs.
+enum class Opcode : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4, kHeartbeat = 5 };
+inline constexpr std::uint8_t kMaxOpcode = 5;
 inline constexpr std::uint8_t kFlagFua = 1u << 0;
 inline constexpr std::uint8_t kKnownFlags = kFlagFua;
 

@@ -21,7 +21,6 @@ auto log() {
 }
 
 constexpr unsigned kDefaultQueueDepth = 32;
-constexpr std::chrono::seconds kRejoinGrace{10};
 constexpr std::chrono::seconds kCloseGrace{2};  // an Error sent before closing gets this long to go out
 // A Stats reply leaves room below the frame limit for everything but the session list.
 constexpr std::size_t kStatsBudget = wire::kMaxControlSize - (64u << 10);
@@ -66,7 +65,7 @@ void Shared::end_session(std::uint64_t id) {
 
 QueueHandler::QueueHandler(Shared& shared, Worker& worker, std::shared_ptr<transport::ServerConnection> conn)
     : shared_(shared), worker_(worker), conn_(std::move(conn)), life_(std::make_shared<Life>(Life{this})),
-      timer_(worker.io) {}
+      timer_(worker.io), liveness_(worker.io) {}
 
 QueueHandler::~QueueHandler() {
   life_->alive = false;
@@ -159,6 +158,7 @@ void QueueHandler::fenced() {
 
 void QueueHandler::on_control(const proto::Control& msg) {
   if (state_ == State::kClosed) return;
+  heard_ = true;
   switch (msg.msg_case()) {
     case proto::Control::kHello: return on_hello(msg.hello());
     case proto::Control::kAuth: return on_auth(msg.auth());
@@ -212,18 +212,22 @@ void QueueHandler::on_control(const proto::Control& msg) {
 
 void QueueHandler::on_hello(const proto::Hello& h) {
   if (state_ != State::kHello) return fail_with(proto::ERROR_PROTOCOL, "Hello sent twice");
-  if (h.min_version() > wire::kProtocolVersion || h.max_version() < wire::kProtocolVersion) {
+  // The highest version both sides speak.
+  const std::uint32_t chosen = std::min(h.max_version(), wire::kProtocolVersion);
+  if (chosen < std::max(h.min_version(), wire::kMinProtocolVersion)) {
     return fail_with(proto::ERROR_VERSION,
                      "the initiator speaks protocol versions " + std::to_string(h.min_version()) + " to " +
                          std::to_string(h.max_version()) + ", this target speaks " +
-                         std::to_string(wire::kProtocolVersion) + "; use the same ibdisk release on both sides");
+                         std::to_string(wire::kMinProtocolVersion) + " to " + std::to_string(wire::kProtocolVersion) +
+                         "; use the same ibdisk release on both sides");
   }
+  version_ = chosen;
   hello_ = h;
   hello_.set_client_name(utf8_prefix(h.client_name(), wire::kMaxClientName));
   server_nonce_ = random_bytes(32);
   proto::Control reply;
   auto* c = reply.mutable_challenge();
-  c->set_version(wire::kProtocolVersion);
+  c->set_version(version_);
   c->set_auth_required(!shared_.key.empty());
   c->set_server_nonce(server_nonce_);
   c->set_server_name(shared_.opts.server_name);
@@ -276,9 +280,11 @@ void QueueHandler::on_auth(const proto::Auth& a) {
     log()->info("session {:016x} from {} ({})", id, peer_,
                 hello_.client_name().empty() ? "unnamed" : hello_.client_name());
   }
-  queue_id_ = session_->add_queue({conn_->transport_name(), &worker_.io, [life = life_] {
+  queue_id_ = session_->add_queue({conn_->transport_name(), &worker_.io,
+                                   [life = life_] {
                                      if (life->alive) life->self->fenced();
-                                   }});
+                                   },
+                                   last_heard_});
   const unsigned want_depth =
       std::min<unsigned>(hello_.queue_depth() ? hello_.queue_depth() : kDefaultQueueDepth, wire::kMaxQueueDepth);
   max_io_ = std::min<std::uint32_t>(hello_.max_io_size() ? hello_.max_io_size() : wire::kMaxIoSize,
@@ -286,9 +292,10 @@ void QueueHandler::on_auth(const proto::Auth& a) {
   depth_ = conn_->admit(want_depth, max_io_);
   // Every command and its reply can be in flight at once (RDMA: a reply's SEND completes after
   // the initiator has seen it and sent the next command).
-  const unsigned capacity = 2 * depth_ + 1;
-  requests_ = std::make_unique<Request[]>(capacity);
-  for (unsigned i = capacity; i-- > 0;) free_.push_back(&requests_[i]);
+  // And the one heartbeat allowed beyond the depth, with its reply.
+  capacity_ = 2 * depth_ + 3;
+  requests_ = std::make_unique<Request[]>(capacity_);
+  for (unsigned i = capacity_; i-- > 0;) free_.push_back(&requests_[i]);
   if (hello_.join_session() != 0 && hello_.replaces_queue() != 0 && hello_.replaces_queue() != queue_id_) {
     // A queue replacing a lost one: end the old one and let its storage I/O finish before this
     // one carries anything, so a resent write never runs beside the old queue's copy of it.
@@ -318,16 +325,79 @@ void QueueHandler::welcome() {
   if (new_session_) w->set_session_secret(session_->secret());
   if (!shared_.key.empty()) w->set_server_mac(server_mac(shared_.key, server_nonce_, hello_.client_nonce()));
   conn_->send_control(reply);
+  last_heard_->store(std::chrono::duration_cast<std::chrono::milliseconds>(
+                         std::chrono::steady_clock::now().time_since_epoch()).count(),
+                     std::memory_order_relaxed);
+  // A version-2 initiator sends no heartbeats: an idle one would look silent, so it is only
+  // watched for stats.
+  enforce_liveness_ = version_ >= wire::kHeartbeatVersion && shared_.opts.session_timeout.count() > 0;
+  arm_liveness();
   if (stopping_) begin_stop();
+}
+
+void QueueHandler::arm_liveness() {
+  const auto period = enforce_liveness_ ? std::clamp<std::chrono::milliseconds>(shared_.opts.session_timeout / 4,
+                                                                               std::chrono::milliseconds(100),
+                                                                               std::chrono::seconds(5))
+                                        : std::chrono::milliseconds(5000);
+  liveness_.expires_after(period);
+  liveness_.async_wait([life = life_](const boost::system::error_code& ec) {
+    if (!ec && life->alive) life->self->check_liveness();
+  });
+}
+
+bool QueueHandler::waits_on_target() const {
+  for (unsigned i = 0; i < capacity_; ++i) {
+    const auto st = requests_[i].state();
+    if (st == Request::State::kNeedSlot || st == Request::State::kDataIn) return true;
+  }
+  return false;
+}
+
+void QueueHandler::check_liveness() {
+  if (state_ != State::kReady || timed_out_) return;
+  using namespace std::chrono;
+  const std::int64_t now = duration_cast<milliseconds>(steady_clock::now().time_since_epoch()).count();
+  // The target's own waits restart the clock: the initiator may be sending behind them.
+  if (std::exchange(heard_, false) || waits_on_target()) {
+    last_heard_->store(now, std::memory_order_relaxed);
+    return arm_liveness();
+  }
+  const milliseconds silent(now - last_heard_->load(std::memory_order_relaxed));
+  if (!enforce_liveness_ || silent < shared_.opts.session_timeout) return arm_liveness();
+  const std::string secs = fmt::format("{:.1f}", duration<double>(silent).count());
+  const std::string limit = fmt::format("{:g}", duration<double>(shared_.opts.session_timeout).count());
+  log()->warn("{}: queue {} of session {:016x}: nothing received for {} s (serve --session-timeout {}); closing it "
+              "as lost, the session's exports are released {} s later unless it rejoins",
+              peer_, queue_id_, session_->id(), secs, limit, kRejoinGrace.count());
+  timed_out_ = true;
+  last_reason_ = "nothing received for " + secs + " s";
+  proto::Control err;
+  err.mutable_error()->set_code(proto::ERROR_TIMEOUT);
+  err.mutable_error()->set_message("the target received nothing on this queue for " + secs + " s (its --session-timeout " +
+                                   limit + "); the queue is closed");
+  conn_->send_control(err);
+  conn_->close();
+  timer_.expires_after(kCloseGrace);
+  timer_.async_wait([life = life_](const boost::system::error_code& ec) {
+    if (!ec && life->alive) life->self->abort("did not take its error message");
+  });
 }
 
 bool QueueHandler::on_command(const wire::Command& cmd) {
   if (state_ == State::kClosed) return true;
+  heard_ = true;
   if (state_ != State::kReady) {
     fail_with(proto::ERROR_PROTOCOL, "I/O command before the queue was granted");
     return true;
   }
-  if (unreplied_ >= depth_) {
+  const bool heartbeat = cmd.opcode == wire::Opcode::kHeartbeat;
+  if (heartbeat && version_ < wire::kHeartbeatVersion) {
+    fail_with(proto::ERROR_PROTOCOL, "a heartbeat on a queue of protocol version " + std::to_string(version_));
+    return true;
+  }
+  // A heartbeat may be the one command beyond the depth.
+  if (unreplied_ >= depth_ + (heartbeat ? 1 : 0)) {
     fail_with(proto::ERROR_PROTOCOL, "more commands in flight than the granted queue depth (" +
                                          std::to_string(depth_) + ")");
     return true;
@@ -407,6 +477,8 @@ void QueueHandler::send_reply(Request& req) {
     session_->errors++;
     log()->debug("{}: {} at {}+{}: {}", peer_, static_cast<int>(cmd.opcode), cmd.offset, cmd.length,
                  errno_text(-req.status));
+  } else if (cmd.opcode == wire::Opcode::kHeartbeat) {
+    session_->heartbeats++;
   } else if (cmd.opcode == wire::Opcode::kRead) {
     session_->reads++;
     session_->bytes_read += cmd.length;
@@ -432,13 +504,14 @@ void QueueHandler::on_closed(const transport::CloseReason& reason) {
   if (state_ == State::kClosed) return;
   state_ = State::kClosed;
   timer_.cancel();
-  last_reason_ = reason.detail;
-  lost_to_error_ = !stopping_ && reason.lost();
+  liveness_.cancel();
+  if (!timed_out_) last_reason_ = reason.detail;
+  lost_to_error_ = !stopping_ && (reason.lost() || timed_out_);
   if (reason.code == CloseCode::kProtocol) shared_.protocol_errors++;
   log()->debug("{}: queue closed: {}", peer_, reason.detail);
   // Requests not yet at the storage engine end here; those at it finish first.
   if (requests_) {
-    for (unsigned i = 0; i < 2 * depth_ + 1; ++i) {
+    for (unsigned i = 0; i < capacity_; ++i) {
       if (requests_[i].busy()) requests_[i].cancel();
     }
   }
@@ -472,6 +545,8 @@ void QueueHandler::fill_stats(proto::Stats* s) {
     one.set_client(sess->peer());
     one.set_client_name(sess->client_name());
     for (const auto& t : sess->transports()) one.add_transports(t);
+    for (const auto ms : sess->idle_ms()) one.add_idle_ms(ms);
+    one.set_heartbeats(sess->heartbeats);
     for (const auto& e : sess->export_names()) one.add_exports(e);
     one.set_reads(sess->reads);
     one.set_writes(sess->writes);

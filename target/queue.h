@@ -3,6 +3,7 @@
 // control state machine (Hello, Challenge, Auth, Welcome, then requests such as Open and
 // GetStats) and the RequestPort of its commands. Owned by its worker; destroyed once the
 // connection is closed and every one of its requests is FREE again.
+#include <atomic>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -58,6 +59,13 @@ class QueueHandler final : public transport::ServerConnection::Handler, public R
   void welcome();
   void fenced();
   void handshake_expired();
+  // Session timeout (version 3): a check every quarter of it; a queue that received nothing
+  // for all of it is closed as lost.
+  void arm_liveness();
+  void check_liveness();
+  // A request waits on the target itself (a buffer, or its payload being moved in): the TCP
+  // stream behind it is not read meanwhile, so the initiator's heartbeats cannot arrive.
+  bool waits_on_target() const;
   std::shared_ptr<ExportLease> lookup(std::uint32_t handle);
   void fill_stats(proto::Stats* s);
   void fail_with(proto::ErrorCode code, const std::string& text);
@@ -69,6 +77,12 @@ class QueueHandler final : public transport::ServerConnection::Handler, public R
   std::string peer_;
   std::shared_ptr<Life> life_;
   boost::asio::steady_timer timer_;  // the handshake's deadline, then the grace of a failing close
+  boost::asio::steady_timer liveness_;
+  std::uint32_t version_ = 0;  // negotiated in Hello
+  bool heard_ = false;         // something arrived since the last liveness check
+  bool enforce_liveness_ = false;  // version 3 and a session timeout: silence closes the queue
+  bool timed_out_ = false;     // closed for silence: lost, so the session gets its rejoin grace
+  std::shared_ptr<std::atomic<std::int64_t>> last_heard_ = std::make_shared<std::atomic<std::int64_t>>(0);
   State state_ = State::kHello;
   proto::Hello hello_;
   std::string server_nonce_;
@@ -82,6 +96,7 @@ class QueueHandler final : public transport::ServerConnection::Handler, public R
   unsigned depth_ = 0;
   std::uint32_t max_io_ = 0;
   std::unique_ptr<Request[]> requests_;
+  unsigned capacity_ = 0;
   std::vector<Request*> free_;
   unsigned busy_ = 0;       // requests not FREE
   unsigned unreplied_ = 0;  // requests whose reply has not been handed to the transport

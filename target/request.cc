@@ -110,6 +110,8 @@ void Request::step() {
 }
 
 void Request::on_new() {
+  // Answered at once, with no export and no storage: it only says the target runs.
+  if (cmd.opcode == wire::Opcode::kHeartbeat) return go(State::kDataOut);
   target_ = port_->resolve(*this);
   if (target_.verdict == RequestPort::Verdict::kFatal) {
     reply_due_ = false;

@@ -144,7 +144,8 @@ Server::Server(ServerOptions opts) {
   }
 
   impl_->listeners.push_back(impl_->make([&](auto next, auto on_accept) {
-    return transport::listen_tcp(impl_->workers[0]->io, host, opts.port, std::move(next), std::move(on_accept));
+    return transport::listen_tcp(impl_->workers[0]->io, host, opts.port, std::move(next), std::move(on_accept),
+                                 opts.session_timeout);
   }));
   impl_->tcp = impl_->listeners.back().get();
   if (shared.key.empty()) {

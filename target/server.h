@@ -36,7 +36,16 @@ struct ServerOptions {
   // stop() (SIGTERM): how long in-flight I/O and unsent replies may take to finish; then the
   // queues that did not finish are closed (and the log says so), and run() returns.
   std::chrono::milliseconds stop_timeout{10000};
+  // A queue (protocol version 3) from which nothing at all was received this long (no command,
+  // no heartbeat: the initiator sends one when idle) is closed as lost; the session then waits
+  // kRejoinGrace for a rejoin, and ends, releasing its exports. TCP sockets also get it as
+  // their user timeout and keepalive. 0: never.
+  std::chrono::milliseconds session_timeout{20000};
 };
+
+// How long a session whose every queue was lost to an error (a network, device or session
+// timeout) stays for the initiator to rejoin before it ends and its exports are released.
+inline constexpr std::chrono::seconds kRejoinGrace{10};
 
 class Server {
  public:

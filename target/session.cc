@@ -1,5 +1,7 @@
 #include "target/session.h"
 
+#include <algorithm>
+
 namespace ibdisk::target {
 
 std::uint32_t Session::open(std::shared_ptr<ExportLease> lease) {
@@ -77,6 +79,18 @@ std::vector<std::string> Session::transports() const {
   std::lock_guard lock(mu_);
   std::vector<std::string> out;
   for (const auto& [id, q] : queues_) out.push_back(q.ref.transport);
+  return out;
+}
+
+std::vector<std::uint64_t> Session::idle_ms() const {
+  const auto now = std::chrono::duration_cast<std::chrono::milliseconds>(
+                       std::chrono::steady_clock::now().time_since_epoch()).count();
+  std::lock_guard lock(mu_);
+  std::vector<std::uint64_t> out;
+  for (const auto& [id, q] : queues_) {
+    const std::int64_t heard = q.ref.last_heard ? q.ref.last_heard->load(std::memory_order_relaxed) : now;
+    out.push_back(static_cast<std::uint64_t>(std::max<std::int64_t>(0, now - heard)));
+  }
   return out;
 }
 

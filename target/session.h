@@ -6,6 +6,7 @@
 // names it, and the target ends the old one, and lets its storage I/O finish, first.
 // Threads: any; every member is behind mu_ or atomic.
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -44,6 +45,8 @@ class Session {
     std::string transport;
     boost::asio::io_context* io = nullptr;
     std::function<void()> fence;
+    // When the queue last received anything (steady_clock, ms), kept by its thread; for stats.
+    std::shared_ptr<const std::atomic<std::int64_t>> last_heard;
   };
   std::uint32_t add_queue(QueueRef ref);  // its id
   // The queue is gone and none of its I/O is left: runs what waited for it.
@@ -52,9 +55,11 @@ class Session {
   // Ends queue `id` if it still lives and calls `done` once it is gone (at once when it is).
   void fence(std::uint32_t id, std::function<void()> done);
   std::vector<std::string> transports() const;
+  // Per queue, in the order of transports(): ms since it last received anything.
+  std::vector<std::uint64_t> idle_ms() const;
   bool has_queues() const;
 
-  std::atomic<std::uint64_t> reads{0}, writes{0}, bytes_read{0}, bytes_written{0}, errors{0};
+  std::atomic<std::uint64_t> reads{0}, writes{0}, bytes_read{0}, bytes_written{0}, errors{0}, heartbeats{0};
 
  private:
   const std::uint64_t id_;

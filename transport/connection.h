@@ -172,6 +172,9 @@ struct ConnectOptions {
   std::uint32_t max_io = wire::kMaxIoSize;
   std::chrono::milliseconds connect_timeout{2500};
   std::chrono::milliseconds call_timeout{10000};  // each control call afterwards
+  // How long the kernel keeps a TCP connection whose peer stopped acknowledging or answering
+  // keepalives (TCP_USER_TIMEOUT, keepalive probes within it); 0: the kernel's defaults.
+  std::chrono::milliseconds peer_timeout{0};
 };
 
 // Makes initiator connections of one transport.
@@ -190,9 +193,11 @@ class Connector {
 // The built-in transports.
 std::shared_ptr<Connector> tcp_connector();
 std::shared_ptr<Connector> rdma_connector();
-// Binds a TCP listener (port 0 picks one) on `io`'s thread.
+// Binds a TCP listener (port 0 picks one) on `io`'s thread. `peer_timeout`: as
+// ConnectOptions::peer_timeout, for every accepted connection.
 std::unique_ptr<Listener> listen_tcp(boost::asio::io_context& io, const std::string& address, std::uint16_t port,
-                                     Listener::NextWorker next, Listener::OnAccept on_accept);
+                                     Listener::NextWorker next, Listener::OnAccept on_accept,
+                                     std::chrono::milliseconds peer_timeout = std::chrono::milliseconds(0));
 // Binds an RDMA CM listener; throws SystemError when the address is not on an RDMA interface.
 std::unique_ptr<Listener> listen_rdma(boost::asio::io_context& io, const std::string& address, std::uint16_t port,
                                       Listener::NextWorker next, Listener::OnAccept on_accept);

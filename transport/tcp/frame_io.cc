@@ -4,6 +4,7 @@
 #include <linux/netlink.h>
 #include <linux/sock_diag.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -192,10 +193,25 @@ std::string endpoint_text(const tcp::endpoint& ep) {
   return (a.is_v6() ? "[" + a.to_string() + "]" : a.to_string()) + ":" + std::to_string(ep.port());
 }
 
-void tune(tcp::socket& s) {
+void tune(tcp::socket& s, std::chrono::milliseconds peer_timeout) {
   error_code ec;
   s.set_option(tcp::no_delay(true), ec);
   s.non_blocking(true, ec);
+  if (peer_timeout.count() <= 0) return;
+  const int fd = s.native_handle();
+  const auto ms = static_cast<unsigned>(std::min<std::int64_t>(peer_timeout.count(), 24LL * 3600 * 1000));
+  const int probe_s = std::max(1, static_cast<int>(ms / 3000));
+  const int on = 1, count = 3;
+  // Best effort: a socket that refuses them still works, it only notices a dead peer later.
+  ::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof ms);
+  ::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &probe_s, sizeof probe_s);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &probe_s, sizeof probe_s);
+  ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count);
+}
+
+CloseCode close_code_of(const error_code& ec) {
+  return ec == asio::error::timed_out ? CloseCode::kTimeout : CloseCode::kNetwork;
 }
 
 }  // namespace ibdisk::transport::tcp_detail

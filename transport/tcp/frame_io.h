@@ -146,10 +146,18 @@ class Writer {
 std::string endpoint_text(const boost::asio::ip::tcp::endpoint& ep);
 // No Nagle, and non-blocking for the Writer. Buffer sizes stay with the kernel: setting
 // SO_SNDBUF/SO_RCVBUF turns off autotuning, which measured slower on loopback.
-void tune(boost::asio::ip::tcp::socket& s);
+// peer_timeout > 0: the kernel ends the connection (ETIMEDOUT) when sent data stays
+// unacknowledged that long (TCP_USER_TIMEOUT), or when an idle peer does not answer
+// keepalive probes (SO_KEEPALIVE; first probe after a third of it, then every third).
+void tune(boost::asio::ip::tcp::socket& s, std::chrono::milliseconds peer_timeout);
 
 std::unique_ptr<ClientConnection> make_client_connection(boost::asio::io_context& io, boost::asio::ip::tcp::socket s,
-                                                         std::chrono::milliseconds timeout);
-std::shared_ptr<ServerConnection> make_server_connection(boost::asio::ip::tcp::socket s);
+                                                         std::chrono::milliseconds timeout,
+                                                         std::chrono::milliseconds peer_timeout);
+std::shared_ptr<ServerConnection> make_server_connection(boost::asio::ip::tcp::socket s,
+                                                         std::chrono::milliseconds peer_timeout);
+// How a failed read or send ends the connection: ETIMEDOUT (the kernel's user timeout or
+// keepalive) is kTimeout, any other error kNetwork.
+CloseCode close_code_of(const boost::system::error_code& ec);
 
 }  // namespace ibdisk::transport::tcp_detail

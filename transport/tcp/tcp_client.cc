@@ -17,9 +17,10 @@ constexpr std::size_t kInputBuffer = 128 * 1024;
 
 class TcpClientConnection final : public ClientConnection, private Writer::Events {
  public:
-  TcpClientConnection(asio::io_context& io, tcp::socket s, std::chrono::milliseconds timeout)
+  TcpClientConnection(asio::io_context& io, tcp::socket s, std::chrono::milliseconds timeout,
+                      std::chrono::milliseconds peer_timeout)
       : io_(io), sock_(std::move(s)), writer_(sock_), reader_(sock_, kInputBuffer), timeout_(timeout) {
-    tune(sock_);
+    tune(sock_, peer_timeout);
     error_code ec;
     const auto ep = sock_.remote_endpoint(ec);
     peer_ = ec ? "(disconnected)" : endpoint_text(ep);
@@ -138,7 +139,7 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
     if (!dead_ && !failed_ && writer_.send(*this)) {
       writer_.set_scheduled(true);
       sock_.async_wait(tcp::socket::wait_write, [this](const error_code& ec) {
-        if (ec && !dead_) fail({CloseCode::kNetwork, "sending: " + ec.message()});
+        if (ec && !dead_) fail({close_code_of(ec), "sending: " + ec.message()});
         if (ec) return writer_.set_scheduled(false);
         send_now();
       });
@@ -150,7 +151,7 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
   void send_failed(const error_code& ec) override {
     failed_ = true;
     send_error_ = ec.message();
-    if (started_) fail({CloseCode::kNetwork, "sending: " + ec.message()});
+    if (started_) fail({close_code_of(ec), "sending: " + ec.message()});
   }
   void drained() override {}
 
@@ -210,7 +211,7 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
     auto done = [this](const error_code& ec) {
       if (ec) {
         return fail(ec == asio::error::eof ? CloseReason{CloseCode::kPeerClosed, "the target closed the connection"}
-                                           : CloseReason{CloseCode::kNetwork, ec.message()});
+                                           : CloseReason{close_code_of(ec), ec.message()});
       }
       parse();
     };
@@ -271,15 +272,16 @@ class TcpConnector final : public Connector {
                         ec == asio::error::connection_refused ? "is `ibdisk serve` running there, on this port?"
                                                                : "check the address and the network");
     }
-    return make_client_connection(io, std::move(sock), opts.call_timeout);
+    return make_client_connection(io, std::move(sock), opts.call_timeout, opts.peer_timeout);
   }
 };
 
 }  // namespace
 
 std::unique_ptr<ClientConnection> make_client_connection(asio::io_context& io, tcp::socket s,
-                                                         std::chrono::milliseconds timeout) {
-  return std::make_unique<TcpClientConnection>(io, std::move(s), timeout);
+                                                         std::chrono::milliseconds timeout,
+                                                         std::chrono::milliseconds peer_timeout) {
+  return std::make_unique<TcpClientConnection>(io, std::move(s), timeout, peer_timeout);
 }
 
 }  // namespace ibdisk::transport::tcp_detail

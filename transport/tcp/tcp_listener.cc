@@ -30,8 +30,10 @@ bool out_of_resources(const error_code& ec) {
 
 class TcpListener final : public Listener {
  public:
-  TcpListener(asio::io_context& io, const std::string& address, std::uint16_t port, NextWorker next, OnAccept on_accept)
+  TcpListener(asio::io_context& io, const std::string& address, std::uint16_t port, NextWorker next, OnAccept on_accept,
+              std::chrono::milliseconds peer_timeout)
       : state_(std::make_shared<State>(io, std::move(next), std::move(on_accept))) {
+    state_->peer_timeout = peer_timeout;
     error_code ec;
     const auto addr = asio::ip::make_address(address, ec);
     if (ec) throw SystemError("listen address '" + address + "'", ec.message(), "give an IP address, e.g. 10.30.0.1");
@@ -77,7 +79,7 @@ class TcpListener final : public Listener {
         self->delay = kFirstBackoff;
         asio::post(*ctx.io, [self, &ctx, sock = std::move(s)]() mutable {
           if (self->closed) return;
-          self->on_accept(ctx, tcp_detail::make_server_connection(std::move(sock)));
+          self->on_accept(ctx, tcp_detail::make_server_connection(std::move(sock), self->peer_timeout));
         });
         self->accept();
       });
@@ -111,6 +113,7 @@ class TcpListener final : public Listener {
     std::uint16_t port = 0;
     bool closed = false;
     std::chrono::milliseconds delay = kFirstBackoff;
+    std::chrono::milliseconds peer_timeout{0};
     std::chrono::steady_clock::time_point last_log{};
     unsigned failures = 0;
   };
@@ -120,8 +123,9 @@ class TcpListener final : public Listener {
 }  // namespace
 
 std::unique_ptr<Listener> listen_tcp(asio::io_context& io, const std::string& address, std::uint16_t port,
-                                     Listener::NextWorker next, Listener::OnAccept on_accept) {
-  return std::make_unique<TcpListener>(io, address, port, std::move(next), std::move(on_accept));
+                                     Listener::NextWorker next, Listener::OnAccept on_accept,
+                                     std::chrono::milliseconds peer_timeout) {
+  return std::make_unique<TcpListener>(io, address, port, std::move(next), std::move(on_accept), peer_timeout);
 }
 
 }  // namespace ibdisk::transport

@@ -30,8 +30,9 @@ class TcpServerConnection final : public ServerConnection,
                                   private Writer::Events,
                                   public std::enable_shared_from_this<TcpServerConnection> {
  public:
-  explicit TcpServerConnection(tcp::socket s) : sock_(std::move(s)), writer_(sock_), reader_(sock_, kHandshakeBuffer) {
-    tune(sock_);
+  TcpServerConnection(tcp::socket s, std::chrono::milliseconds peer_timeout)
+      : sock_(std::move(s)), writer_(sock_), reader_(sock_, kHandshakeBuffer) {
+    tune(sock_, peer_timeout);
     error_code ec;
     const auto remote = sock_.remote_endpoint(ec);
     if (ec) {
@@ -123,7 +124,7 @@ class TcpServerConnection final : public ServerConnection,
   void send_now() {
     if (!dead_ && writer_.send(*this)) {
       sock_.async_wait(tcp::socket::wait_write, [self = shared_from_this()](const error_code& ec) {
-        if (ec && !self->dead_) self->fail({CloseCode::kNetwork, "sending: " + ec.message()});
+        if (ec && !self->dead_) self->fail({close_code_of(ec), "sending: " + ec.message()});
         if (ec) return self->writer_.set_scheduled(false);
         self->send_now();
       });
@@ -140,7 +141,7 @@ class TcpServerConnection final : public ServerConnection,
     }
   }
   void send_failed(const error_code& ec) override {
-    fail(closing_ ? close_reason_ : CloseReason{CloseCode::kNetwork, "sending: " + ec.message()});
+    fail(closing_ ? close_reason_ : CloseReason{close_code_of(ec), "sending: " + ec.message()});
   }
   void drained() override {
     if (closing_) fail(close_reason_);
@@ -260,7 +261,7 @@ class TcpServerConnection final : public ServerConnection,
       if (ec) {
         if (self->dead_) return;
         return self->fail(ec == asio::error::eof ? CloseReason{CloseCode::kPeerClosed, "closed by peer"}
-                                                 : CloseReason{CloseCode::kNetwork, ec.message()});
+                                                 : CloseReason{close_code_of(ec), ec.message()});
       }
       if (!self->closing_) self->pump();
     };
@@ -300,8 +301,8 @@ class TcpServerConnection final : public ServerConnection,
 
 }  // namespace
 
-std::shared_ptr<ServerConnection> make_server_connection(tcp::socket s) {
-  return std::make_shared<TcpServerConnection>(std::move(s));
+std::shared_ptr<ServerConnection> make_server_connection(tcp::socket s, std::chrono::milliseconds peer_timeout) {
+  return std::make_shared<TcpServerConnection>(std::move(s), peer_timeout);
 }
 
 }  // namespace ibdisk::transport::tcp_detail

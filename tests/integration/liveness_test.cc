@@ -202,6 +202,52 @@ TEST_F(LivenessServe, IdleSessionStaysUpOnHeartbeats) {
   EXPECT_GE(other.heartbeats(), 5u);
 }
 
+// Version negotiation stays honest: a version-2 initiator (no heartbeats) is served at version
+// 2 and not closed for its silence, and a heartbeat on its queue is a protocol error; a
+// version-3 one gets version 3 and its heartbeat answered at once, beyond its granted depth.
+TEST(Liveness, VersionTwoInitiatorsAreServedWithoutHeartbeats) {
+  testing::TempDir dir;
+  testing::make_sparse_file(dir.file("d.img"), 1 << 20);
+  target::ServerOptions so = testing::loopback_target(dir.file("d.img"));
+  so.session_timeout = 1s;
+  testing::ServerThread srv(so);
+  testing::RawHello v2;
+  v2.version = 2;
+  v2.queue_depth = 1;
+  RawPeer old(srv.port());
+  ASSERT_TRUE(old.handshake(v2).has_welcome());
+  std::this_thread::sleep_for(2500ms);  // more than the session timeout, and silent
+  wire::Command flush;
+  flush.opcode = wire::Opcode::kFlush;
+  flush.tag = 1;
+  flush.handle = 99;  // not open: answered -EBADF, which is all this needs
+  old.send_command(flush);
+  wire::Completion c;
+  ASSERT_TRUE(old.read_completion(&c)) << "the version-2 queue was closed for its silence";
+  EXPECT_EQ(c.tag, 1u);
+  wire::Command hb;
+  hb.opcode = wire::Opcode::kHeartbeat;
+  hb.tag = 2;
+  old.send_command(hb);
+  proto::Control err;
+  ASSERT_TRUE(old.read_control(&err));
+  EXPECT_EQ(err.error().code(), proto::ERROR_PROTOCOL);
+
+  testing::RawHello v3;
+  v3.queue_depth = 1;
+  RawPeer now(srv.port());
+  ASSERT_TRUE(now.handshake(v3).has_welcome());
+  flush.tag = 3;
+  hb.tag = 4;
+  now.send_command(flush);  // the one command the depth allows, and a heartbeat beside it
+  now.send_command(hb);
+  wire::Completion a, b;
+  ASSERT_TRUE(now.read_completion(&a));
+  ASSERT_TRUE(now.read_completion(&b));
+  EXPECT_EQ(a.tag + b.tag, 7u);
+  EXPECT_EQ((a.tag == 4 ? a : b).status, 0);
+}
+
 // F3: a storage command slower than the I/O timeout, while the target answers heartbeats at
 // once, is not a lost connection: it completes on the connection that sent it.
 TEST(Liveness, SlowStorageWithAnsweredHeartbeatsIsNoLoss) {

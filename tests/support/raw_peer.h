@@ -25,6 +25,7 @@ struct RawHello {
   std::uint64_t join_session = 0;
   std::string client_name;
   std::string key;  // the key itself (load_key_file), empty: Auth without a mac
+  std::uint32_t version = wire::kProtocolVersion;  // offered as both min and max
 };
 
 class RawPeer {
@@ -112,8 +113,8 @@ class RawPeer {
   proto::Control handshake(const RawHello& h = {}) {
     const std::string client_nonce(32, 'n');
     proto::Control hello;
-    hello.mutable_hello()->set_min_version(wire::kProtocolVersion);
-    hello.mutable_hello()->set_max_version(wire::kProtocolVersion);
+    hello.mutable_hello()->set_min_version(h.version);
+    hello.mutable_hello()->set_max_version(h.version);
     hello.mutable_hello()->set_queue_depth(h.queue_depth);
     if (h.max_io_size) hello.mutable_hello()->set_max_io_size(h.max_io_size);
     hello.mutable_hello()->set_join_session(h.join_session);

@@ -78,7 +78,7 @@ TEST(Wire, Rejections) {
   encode(c, buf);
   Command out;
   EXPECT_EQ(decode(std::span<const std::byte>(buf, 39), &out), DecodeError::kTruncated);
-  buf[0] = std::byte{5};
+  buf[0] = std::byte{6};
   EXPECT_EQ(decode(buf, &out), DecodeError::kBadOpcode);
   buf[0] = std::byte{0};
   buf[1] = std::byte{0x80};
@@ -108,6 +108,27 @@ TEST(Wire, Rejections) {
   std::byte cb[kCompletionSize];
   encode(Completion{1, 5, 0}, cb);  // a positive status is not a valid completion
   EXPECT_EQ(decode(cb, &cp), DecodeError::kBadLength);
+}
+
+// A heartbeat (version 3) carries nothing: any length, offset, flag or handle is refused.
+TEST(Wire, HeartbeatCarriesNothing) {
+  std::byte buf[kCommandSize];
+  Command c;
+  c.opcode = Opcode::kHeartbeat;
+  c.tag = 9;
+  encode(c, buf);
+  Command out;
+  ASSERT_EQ(decode(buf, &out), DecodeError::kNone);
+  EXPECT_EQ(out.opcode, Opcode::kHeartbeat);
+  EXPECT_EQ(out.tag, 9u);
+  for (auto bad : {Command{Opcode::kHeartbeat, 0, 1}, Command{Opcode::kHeartbeat, kFlagFua},
+                   Command{Opcode::kHeartbeat, 0, 0, 1, 3}}) {
+    encode(bad, buf);
+    EXPECT_NE(decode(buf, &out), DecodeError::kNone);
+  }
+  c.offset = 4096;
+  encode(c, buf);
+  EXPECT_EQ(decode(buf, &out), DecodeError::kBadLength);
 }
 
 // The range check never overflows.

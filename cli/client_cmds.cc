@@ -177,7 +177,10 @@ int run_stats(HostArgs& a) {
                           {"writes", x.writes()},
                           {"bytes_read", x.bytes_read()},
                           {"bytes_written", x.bytes_written()},
-                          {"errors", x.errors()}});
+                          {"errors", x.errors()},
+                          // Per queue, as transports: ms since the target last heard from it.
+                          {"idle_ms", Json(std::vector<std::uint64_t>(x.idle_ms().begin(), x.idle_ms().end()))},
+                          {"heartbeats", x.heartbeats()}});
     }
     std::cout << json_document({{"target", target_json(host, port, *client)},
                                 {"uptime_seconds", s.uptime_seconds()},
@@ -189,8 +192,8 @@ int run_stats(HostArgs& a) {
   std::printf("target %s: up %llus, %d session(s), %llu rejected connection(s), %llu protocol error(s)\n",
               target_text(host, port, *client).c_str(), static_cast<unsigned long long>(s.uptime_seconds()), s.sessions_size(),
               static_cast<unsigned long long>(s.rejected_connections()), static_cast<unsigned long long>(s.protocol_errors()));
-  std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6s\n", "SESSION", "CLIENT", "NAME", "TRANSPORTS", "EXPORTS", "READ",
-              "WRITTEN", "ERRORS");
+  std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6s %6s\n", "SESSION", "CLIENT", "NAME", "TRANSPORTS", "EXPORTS",
+              "READ", "WRITTEN", "ERRORS", "QUIET");
   for (const auto& x : s.sessions()) {
     std::string transports, exports;
     for (const auto& t : x.transports()) transports += (transports.empty() ? "" : ",") + t;
@@ -198,9 +201,14 @@ int run_stats(HostArgs& a) {
     // The target shows the id of the asker's own session only (the id is half of what joining needs).
     char id[24] = "(not yours)";
     if (x.session_id()) std::snprintf(id, sizeof id, "%016llx", static_cast<unsigned long long>(x.session_id()));
-    std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6llu\n", id, x.client().c_str(), x.client_name().c_str(), transports.c_str(), exports.empty() ? "-" : exports.c_str(),
+    // QUIET: the longest any of its queues has gone without a word to the target.
+    std::uint64_t quiet_ms = 0;
+    for (const auto ms : x.idle_ms()) quiet_ms = std::max<std::uint64_t>(quiet_ms, ms);
+    char quiet[24];
+    std::snprintf(quiet, sizeof quiet, "%.0fs", static_cast<double>(quiet_ms) / 1000);
+    std::printf("%-16s %-22s %-12s %-14s %-16s %10s %10s %6llu %6s\n", id, x.client().c_str(), x.client_name().c_str(), transports.c_str(), exports.empty() ? "-" : exports.c_str(),
                 human_bytes(x.bytes_read()).c_str(), human_bytes(x.bytes_written()).c_str(),
-                static_cast<unsigned long long>(x.errors()));
+                static_cast<unsigned long long>(x.errors()), quiet);
   }
   return 0;
 }

@@ -34,6 +34,7 @@ struct AttachArgs {
   std::string key_file;
   double timeout_s = 10;
   std::string reconnect_timeout = "600";
+  unsigned kernel_timeout_s = static_cast<unsigned>(initiator::kDefaultKernelTimeout.count());
   std::string transport = "auto";
   std::string kernel = "auto";
   bool daemon = false;
@@ -83,6 +84,7 @@ AttachOptions to_options(const AttachArgs& a) {
     }
     o.reconnect_timeout = std::chrono::milliseconds(static_cast<long long>(s * 1000));
   }
+  o.kernel_timeout = std::chrono::seconds(a.kernel_timeout_s);
   o.state_dir = a.state_dir;
   return o;
 }
@@ -173,8 +175,12 @@ int run_detach(DetachArgs& a) {
   for (const auto& s : initiator::list_attachments(a.state_dir)) {
     if (s.index != index) continue;
     if (!s.alive) {
+      // A netlink device outlives its process (the kernel holds its I/O for the next attach):
+      // detaching it now means disconnecting it.
+      if (s.state == "recovering") initiator::nbd_disconnect_index(index);
       ::unlink(s.file.c_str());
-      std::printf("%s: its attach process (pid %d) had already exited; removed %s\n", dev.c_str(), s.pid, s.file.c_str());
+      std::printf("%s: its attach process (pid %d) had already exited; %sremoved %s\n", dev.c_str(), s.pid,
+                  s.state == "recovering" ? "disconnected the device, " : "", s.file.c_str());
       return 0;
     }
     if (::kill(s.pid, SIGTERM) != 0) throw SystemError("kill(" + std::to_string(s.pid) + ", SIGTERM)", errno, "run as root");
@@ -221,9 +227,13 @@ int run_list(ListArgs& a) {
                          {"queues", s.queues},
                          {"size", s.size},
                          {"read_only", s.read_only},
-                         {"state", s.alive ? s.state : "dead"},
+                         {"state", s.alive || s.state == "recovering" ? s.state : "dead"},
+                         {"alive", s.alive},
                          {"since", s.since},
                          {"reconnects", s.reconnects},
+                         {"takeovers", s.takeovers},
+                         {"sockets_renewed", s.sockets_renewed},
+                         {"last_error", s.last_error},
                          {"pid", s.pid}});
     }
     std::cout << json_document({{"devices", devices}});
@@ -236,7 +246,9 @@ int run_list(ListArgs& a) {
   std::printf("%-11s %-22s %-14s %-9s %6s %10s  %-12s %-20s %7s\n", "DEVICE", "TARGET", "EXPORT", "TRANSPORT", "QUEUES", "SIZE",
               "STATE", "SINCE", "PID");
   for (const auto& s : all) {
-    std::string state = s.alive ? s.state : "dead (process gone)";
+    std::string state = s.alive                    ? s.state
+                        : s.state == "recovering" ? "recovering (process gone: run the same attach again)"
+                                                  : "dead (process gone)";
     if (s.read_only) state += ",ro";
     std::printf("%-11s %-22s %-14s %-9s %6u %10s  %-12s %-20s %7d\n", s.device.c_str(), s.target.c_str(), s.export_name.c_str(),
                 s.transport.c_str(), s.queues, human_bytes(s.size).c_str(), state.c_str(), s.since.c_str(), s.pid);
@@ -252,7 +264,10 @@ void add_attach_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
     auto* sub = app.add_subcommand(
         "attach",
         "Attach an export as /dev/nbdN through the kernel's NBD driver and serve it (foreground, or --daemon).\n"
-        "Prints the device. Survives target restarts and link outages (--reconnect-timeout). See docs/attach.md.");
+        "Prints the device. Survives target restarts and link outages (--reconnect-timeout), and its own death:\n"
+        "the kernel holds the device's I/O, and the same attach command run again takes the device over\n"
+        "(netlink interface only; the ioctl interface fails the device's I/O when this process dies).\n"
+        "See docs/attach.md.");
     sub->add_option("remote", a->remote, "HOST[:PORT]/EXPORT")->required();
     sub->add_option("-d,--device", a->device, "the NBD device to use (default: a free one)")->type_name("/dev/nbdN");
     sub->add_option("-q,--queues", a->queues, "queues: one kernel socket and one session connection each")
@@ -266,10 +281,16 @@ void add_attach_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
     sub->add_option("--reconnect-timeout", a->reconnect_timeout,
                     "seconds to hold I/O while the target is unreachable before it fails, or 'forever'")
         ->capture_default_str();
+    sub->add_option("--kernel-timeout", a->kernel_timeout_s,
+                    "seconds before the kernel sends a request again on another socket (it bounds the stall after "
+                    "this process died)")
+        ->capture_default_str()
+        ->check(CLI::Range(5, 3600));
     sub->add_option("--transport", a->transport, "auto, rdma or tcp")
         ->capture_default_str()
         ->check(CLI::IsMember({"auto", "rdma", "tcp"}));
-    sub->add_option("--kernel-interface", a->kernel, "auto (netlink, else ioctl), netlink or ioctl")
+    sub->add_option("--kernel-interface", a->kernel,
+                    "auto (netlink, else ioctl), netlink or ioctl (ioctl: the device dies with this process)")
         ->capture_default_str()
         ->check(CLI::IsMember({"auto", "netlink", "ioctl"}));
     sub->add_flag("--daemon", a->daemon, "return once the device exists and keep serving it in the background");

@@ -4,6 +4,12 @@
 // reads on the other ends by forwarding them over one ibdisk Client session, kernel socket i
 // on Client queue i, and writes simple NBD replies back.
 //
+// Death of this process (SIGKILL, a crash, the OOM killer): with the netlink interface the
+// kernel keeps the device and holds its I/O for the reconnect timeout; running the same attach
+// again takes the device over (a state file names it) and the held requests go on, with no
+// error seen by the device's users. A socket the kernel marks dead while this process runs
+// (a request older than kernel_timeout) is replaced the same way.
+//
 // Outages: when the session is lost (target killed or restarted, link down), the kernel's
 // requests are held, the session is re-established with exponential backoff and every
 // request not yet answered is sent again. Only after reconnect_timeout do held and new
@@ -24,6 +30,7 @@ namespace ibdisk::initiator {
 
 inline constexpr const char* kDefaultStateDir = "/run/ibdisk";
 inline constexpr std::chrono::seconds kDefaultReconnectTimeout{600};
+inline constexpr std::chrono::seconds kDefaultKernelTimeout{30};
 
 struct AttachOptions {
   ClientOptions client;  // host, port, key, queues (one kernel socket each), connect timeout
@@ -33,6 +40,9 @@ struct AttachOptions {
   KernelInterface kernel = KernelInterface::kAuto;
   std::chrono::milliseconds reconnect_timeout = kDefaultReconnectTimeout;
   bool reconnect_forever = false;
+  // The kernel's per-request timeout: a request unanswered this long is sent again on another
+  // (or a renewed) socket. It bounds how long I/O stalls after this process died.
+  std::chrono::seconds kernel_timeout = kDefaultKernelTimeout;
   std::string state_dir = kDefaultStateDir;
   // Called once the device exists, with its path (the CLI prints it; --daemon releases its
   // parent here).
@@ -52,7 +62,7 @@ struct AttachState {
   std::string export_name;
   std::string transport;
   std::string kernel;     // netlink or ioctl
-  std::string state;      // connected, reconnecting, failing, detaching
+  std::string state;      // connected, reconnecting, failing, detaching, recovering
   unsigned queues = 0;
   std::uint64_t size = 0;
   bool read_only = false;
@@ -60,6 +70,9 @@ struct AttachState {
   bool alive = false;     // the attach process still runs
   std::string since;      // when the state last changed (UTC, ISO 8601)
   std::uint64_t reconnects = 0;
+  std::uint64_t takeovers = 0;       // times a new process took the device over
+  std::uint64_t sockets_renewed = 0; // kernel sockets replaced after the kernel marked them dead
+  std::string last_error;            // why the session was last lost, or a reconnect failed
   std::string file;       // the state file
 };
 std::vector<AttachState> list_attachments(const std::string& state_dir);

@@ -94,6 +94,16 @@ std::string busy_hint(int index) {
          " is in use: pick another with --device, or leave --device out to take a free one (`ibdisk list`)";
 }
 
+void put_sockets(nl_msg* m, const std::vector<int>& sockets) {
+  nlattr* socks = nla_nest_start(m, NBD_ATTR_SOCKETS);
+  for (const int fd : sockets) {
+    nlattr* item = nla_nest_start(m, NBD_SOCK_ITEM);
+    nla_put_u32(m, NBD_SOCK_FD, static_cast<std::uint32_t>(fd));
+    nla_nest_end(m, item);
+  }
+  nla_nest_end(m, socks);
+}
+
 }  // namespace
 
 const char* to_string(KernelInterface k) {
@@ -116,6 +126,13 @@ int parse_nbd_device(const std::string& text) {
 }
 
 bool nbd_device_connected(int index) { return exists("/sys/block/nbd" + std::to_string(index) + "/pid"); }
+
+std::string nbd_device_backend(int index) {
+  std::string b;
+  std::ifstream f("/sys/block/nbd" + std::to_string(index) + "/backend");
+  std::getline(f, b);
+  return b;
+}
 
 std::unique_ptr<NbdDevice> NbdDevice::connect(const NbdConfig& config, KernelInterface kernel) {
   if (!nbd_module_loaded()) {
@@ -145,13 +162,9 @@ void NbdDevice::connect_netlink(const NbdConfig& c) {
     nla_put_u64(m, NBD_ATTR_BLOCK_SIZE_BYTES, c.block_size);
     nla_put_u64(m, NBD_ATTR_SERVER_FLAGS, c.server_flags);
     nla_put_u64(m, NBD_ATTR_TIMEOUT, c.timeout_s);
-    nlattr* socks = nla_nest_start(m, NBD_ATTR_SOCKETS);
-    for (const int fd : c.sockets) {
-      nlattr* item = nla_nest_start(m, NBD_SOCK_ITEM);
-      nla_put_u32(m, NBD_SOCK_FD, static_cast<std::uint32_t>(fd));
-      nla_nest_end(m, item);
-    }
-    nla_nest_end(m, socks);
+    if (c.dead_conn_timeout_s) nla_put_u64(m, NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout_s);
+    if (!c.backend.empty()) nla_put_string(m, NBD_ATTR_BACKEND_IDENTIFIER, c.backend.c_str());
+    put_sockets(m, c.sockets);
   });
   const std::string what = c.index >= 0 ? "connecting /dev/nbd" + std::to_string(c.index) : std::string("connecting an NBD device");
   if (r.err == EBUSY) throw SystemError(what, std::string("the device is in use"), busy_hint(c.index), EBUSY);
@@ -159,6 +172,42 @@ void NbdDevice::connect_netlink(const NbdConfig& c) {
   if (r.err != 0) throw SystemError(what + " (netlink NBD_CMD_CONNECT)", r.err, "see `dmesg` for the nbd driver's reason");
   index_ = r.index >= 0 ? r.index : c.index;
   if (index_ < 0) throw SystemError(what, std::string("the kernel did not say which device it used"));
+  backend_ = c.backend;
+}
+
+std::unique_ptr<NbdDevice> NbdDevice::take_over(int index, const NbdConfig& c) {
+  const std::string path = "/dev/nbd" + std::to_string(index);
+  if (!nbd_device_connected(index)) throw SystemError("taking over " + path, std::string("it is not connected"), "", ENOENT);
+  std::unique_ptr<NbdDevice> d(new NbdDevice());
+  d->interface_ = KernelInterface::kNetlink;
+  d->nl_ = open_nbd_netlink(&d->family_);
+  d->index_ = index;
+  d->backend_ = c.backend;
+  const NlResult r = nl_call(d->nl_, d->family_, NBD_CMD_RECONFIGURE, [&](nl_msg* m) {
+    nla_put_u32(m, NBD_ATTR_INDEX, static_cast<std::uint32_t>(index));
+    nla_put_u64(m, NBD_ATTR_TIMEOUT, c.timeout_s);
+    if (c.dead_conn_timeout_s) nla_put_u64(m, NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout_s);
+    // A device with a backend identifier is reconfigured only by who names the same one.
+    if (!c.backend.empty()) nla_put_string(m, NBD_ATTR_BACKEND_IDENTIFIER, c.backend.c_str());
+    put_sockets(m, c.sockets);
+  });
+  if (r.err == EPERM) throw SystemError("taking over " + path + " (netlink NBD_CMD_RECONFIGURE)", EPERM, "run as root (CAP_SYS_ADMIN)");
+  if (r.err != 0) {
+    d->index_ = -1;  // not ours: the destructor must not disconnect it
+    throw SystemError("taking over " + path + " (netlink NBD_CMD_RECONFIGURE)", r.err,
+                      "see `dmesg` for the nbd driver's reason; `ibdisk detach --force " + path + "` frees the device");
+  }
+  return d;
+}
+
+int NbdDevice::replace_sockets(const std::vector<int>& sockets) {
+  if (interface_ != KernelInterface::kNetlink || index_ < 0) return EOPNOTSUPP;
+  const NlResult r = nl_call(nl_, family_, NBD_CMD_RECONFIGURE, [&](nl_msg* m) {
+    nla_put_u32(m, NBD_ATTR_INDEX, static_cast<std::uint32_t>(index_));
+    if (!backend_.empty()) nla_put_string(m, NBD_ATTR_BACKEND_IDENTIFIER, backend_.c_str());  // else EINVAL
+    put_sockets(m, sockets);
+  });
+  return r.err;
 }
 
 void NbdDevice::connect_ioctl(const NbdConfig& c) {

@@ -4,9 +4,12 @@
 // Generic netlink (family "nbd", <linux/nbd-netlink.h>) first; the older ioctl interface
 // (<linux/nbd.h>) where netlink is missing.
 //
-// When the process serving the sockets dies, the kernel fails the device's I/O and keeps the
-// device until it is disconnected (`ibdisk detach --force`, or the next `ibdisk attach` of the
-// same device, which reclaims it).
+// Netlink devices outlive the process serving their sockets: when it dies, the kernel marks
+// the sockets dead and holds the device's I/O for the dead-connection timeout; the next
+// `ibdisk attach` of the same export hands it new sockets (NBD_CMD_RECONFIGURE, take_over())
+// and the held and timed-out requests are sent on them. The kernel replaces only sockets it
+// has marked dead, and never changes their number. With the ioctl interface the device fails
+// its I/O when the process dies and is reclaimed by disconnecting it.
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -25,7 +28,10 @@ struct NbdConfig {
   std::uint64_t size_bytes = 0;
   std::uint64_t block_size = 4096;
   std::uint64_t server_flags = 0;  // NBD transmission flags (nbd::kFlag*)
-  std::uint64_t timeout_s = 0;     // the kernel's per-request timeout
+  std::uint64_t timeout_s = 0;     // the kernel's per-request timeout: then the request is requeued
+                                   // and its socket marked dead (netlink), or it fails (ioctl)
+  std::uint64_t dead_conn_timeout_s = 0;  // netlink: how long I/O waits while every socket is dead
+  std::string backend;             // netlink: NBD_ATTR_BACKEND_IDENTIFIER, /sys/block/nbdN/backend
   std::vector<int> sockets;        // the kernel's ends; the kernel takes its own reference
 };
 
@@ -35,12 +41,18 @@ bool nbd_module_loaded();
 int parse_nbd_device(const std::string& text);
 // True when the kernel has sockets on /dev/nbdINDEX (/sys/block/nbdINDEX/pid exists).
 bool nbd_device_connected(int index);
+// The backend identifier a netlink attach gave /dev/nbdINDEX ("" when none, or not connected).
+std::string nbd_device_backend(int index);
 
 class NbdDevice {
  public:
   // Configures the device and starts it. Throws SystemError naming the device and the reason
   // (module not loaded, device busy, no permission) with the fix.
   static std::unique_ptr<NbdDevice> connect(const NbdConfig& config, KernelInterface kernel);
+  // Takes over /dev/nbdINDEX, connected through netlink by a process that is gone: its sockets
+  // are replaced by config.sockets (as many as it had) and its timeouts set again. Throws
+  // SystemError (not connected, not through netlink, sockets still alive).
+  static std::unique_ptr<NbdDevice> take_over(int index, const NbdConfig& config);
   ~NbdDevice();
   NbdDevice(const NbdDevice&) = delete;
   NbdDevice& operator=(const NbdDevice&) = delete;
@@ -51,6 +63,10 @@ class NbdDevice {
   // Asks the kernel to disconnect: it sends NBD_CMD_DISC on every socket and shuts them down.
   // Requests the kernel still had fail. Idempotent; logs rather than throws.
   void disconnect();
+  // Netlink: hands the kernel new sockets for ones it marked dead (a request timed out, or
+  // the previous process died). Returns the kernel's errno (0: accepted, or ignored because
+  // no socket was dead).
+  int replace_sockets(const std::vector<int>& sockets);
 
  private:
   NbdDevice() = default;
@@ -61,6 +77,7 @@ class NbdDevice {
   KernelInterface interface_ = KernelInterface::kNetlink;
   nl_sock* nl_ = nullptr;  // netlink: for the disconnect
   int family_ = -1;
+  std::string backend_;    // netlink: the backend identifier, which every RECONFIGURE must repeat
   int dev_fd_ = -1;        // ioctl: the open device, NBD_DO_IT runs on it in do_it_
   std::thread do_it_;
   bool disconnected_ = false;

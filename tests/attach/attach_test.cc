@@ -44,7 +44,9 @@ void write_state(const std::filesystem::path& dir, int index, int pid, const std
       << "{\"device\": \"/dev/nbd" << index << "\", \"index\": " << index
       << ", \"target\": \"10.30.0.1:7420\", \"export\": \"vm1\", \"transport\": \"rdma\", \"kernel\": \"netlink\", "
          "\"queues\": 2, \"size\": 1048576, \"read_only\": false, \"pid\": "
-      << pid << ", \"state\": \"" << state << "\", \"since\": \"2026-11-23T14:00:00Z\", \"reconnects\": 3}\n";
+      << pid << ", \"state\": \"" << state
+      << "\", \"since\": \"2026-11-23T14:00:00Z\", \"reconnects\": 3, \"takeovers\": 1, \"sockets_renewed\": 4, "
+         "\"last_error\": \"the target closed the connection\"}\n";
 }
 
 // Device names: /dev/nbdN, nbdN and N; anything else is refused.
@@ -78,6 +80,12 @@ TEST(AttachState, ListsStateFilesAndTellsLiveFromDead) {
   EXPECT_EQ(all[1].queues, 2u);
   EXPECT_EQ(all[1].size, 1048576u);
   EXPECT_EQ(all[1].reconnects, 3u);
+  EXPECT_EQ(all[1].takeovers, 1u);
+  EXPECT_EQ(all[1].sockets_renewed, 4u);
+  EXPECT_EQ(all[1].last_error, "the target closed the connection");
+  // Not connected in the kernel (no such device here): a dead process's device is dead, not
+  // recovering (that needs /sys/block/nbdN/pid, which vm.attach checks).
+  EXPECT_EQ(all[0].state, "connected");
   EXPECT_EQ(state_file_for(dir.string(), 1), (dir / "nbd1.json").string());
   std::filesystem::remove_all(dir);
 }
@@ -96,6 +104,10 @@ TEST(AttachCli, ListShowsStateFiles) {
   r = run("list --json --state-dir " + dir.string());
   EXPECT_NE(r.out.find("\"device\": \"/dev/nbd2\""), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("\"state\": \"dead\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"takeovers\": 1"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"sockets_renewed\": 4"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"last_error\": \"the target closed the connection\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"alive\": false"), std::string::npos) << r.out;
   // detach of a device whose process is gone removes the stale file.
   r = run("detach /dev/nbd2 --state-dir " + dir.string());
   EXPECT_EQ(r.status, 0) << r.out;

@@ -3,8 +3,9 @@
 // queues x depth 16, 512 B to 1 MiB, checked against a model) runs while `rdma link delete rxe0`
 // removes the device both ends use: I/O continues on TCP with no error and no mismatch; after
 // `rdma link add` the session moves back to RDMA (the Client API and `ibdisk stats` agree), the
-// workload finishes and every byte of the export is read back. Runs as vm.rdma-failover: it
-// deletes and re-creates the guest's rxe0, so it has a guest of its own.
+// workload finishes and every byte of the export is read back; then rxe1, a device no
+// connection uses, is removed while both processes run, and must go within 90 s. Runs as
+// vm.rdma-failover: it deletes and re-creates the guest's devices, so it has a guest of its own.
 #include <dirent.h>
 #include <signal.h>
 #include <gtest/gtest.h>
@@ -274,6 +275,29 @@ TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
   SAY("done: %u requests, %llu MiB, %u errors, %u mismatches, %u in flight at the delete, read-back of %llu MiB matched",
       r.completed, static_cast<unsigned long long>(r.bytes >> 20), r.errors, r.mismatches, in_flight_at_delete,
       static_cast<unsigned long long>(kImage >> 20));
+
+  // 5. A device neither side has a connection on (rxe1; librdmacm opened a context on it in
+  // both processes when rxe0 went) can be removed while both run (issue 15: it used to block
+  // in ib_uverbs_remove_one for as long as the target ran).
+  const auto t_unused = Clock::now();
+  testing::Child del1({"/usr/bin/env", "rdma", "link", "delete", "rxe1"});
+  std::optional<testing::ProcessResult> deleted1;
+  while (!(deleted1 = del1.try_wait()) && Clock::now() - t_unused < kDeleteLimit) std::this_thread::sleep_for(50ms);
+  if (!deleted1) {
+    std::printf("rdma link delete rxe1 (unused) did not return within %lld s.\n%s\n",
+                static_cast<long long>(kDeleteLimit.count()), uverbs_holders(del1.pid()).c_str());
+    std::fflush(stdout);
+    std::_Exit(1);  // the stuck process cannot be reaped; the guest powers off
+  }
+  ASSERT_EQ(deleted1->exit_code, 0) << deleted1->output;
+  SAY("rdma link delete rxe1 (a device no connection used) returned after %.2f s",
+      std::chrono::duration<double>(Clock::now() - t_unused).count());
+  EXPECT_EQ(sh("rdma link add rxe1 type rxe netdev veth1 2>&1", &rc), "");
+  EXPECT_EQ(rc, 0);
+  work.run(50);
+  EXPECT_EQ(work.result().errors, 0u);
+  EXPECT_TRUE(all_on(*client, "rdma")) << client->rdma_not_used();
+
   client.reset();
   ::kill(target.pid(), SIGTERM);
   EXPECT_EQ(target.wait(30000).exit_code, 0);

@@ -326,6 +326,9 @@ class RdmaConnector final : public Connector {
 
 }  // namespace
 
-std::shared_ptr<Connector> rdma_connector() { return std::make_shared<RdmaConnector>(); }
+std::shared_ptr<Connector> rdma_connector() {
+  rdma_detail::watch_device_removals();
+  return std::make_shared<RdmaConnector>();
+}
 
 }  // namespace ibdisk::transport

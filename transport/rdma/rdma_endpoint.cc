@@ -3,12 +3,17 @@
 // and the target's command path have files of their own; the bytes on the wire (private data,
 // message framing) are decoded in rdma_msg.cc.
 #include <arpa/inet.h>
+#include <dirent.h>
 #include <fcntl.h>
 #include <netdb.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <fstream>
+#include <mutex>
+#include <set>
+#include <thread>
 #include <unordered_map>
 
 #include "common/error.h"
@@ -106,6 +111,52 @@ void set_nonblocking(int fd) {
 void forget_removed_devices() {
   int n = 0;
   if (ibv_context** list = rdma_get_devices(&n)) rdma_free_devices(list);
+}
+
+namespace {
+
+// The user-verbs devices the kernel lists (uverbs0, ... with their RDMA device's name).
+std::set<std::string> verbs_devices() {
+  std::set<std::string> out;
+  const std::string dir = "/sys/class/infiniband_verbs";
+  DIR* d = ::opendir(dir.c_str());
+  if (!d) return out;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.rfind("uverbs", 0) != 0) continue;
+    std::string ibdev;
+    std::ifstream(dir + "/" + name + "/ibdev") >> ibdev;
+    out.insert(name + "=" + ibdev);
+  }
+  ::closedir(d);
+  return out;
+}
+
+}  // namespace
+
+// That price: a device no CM id of ours is on holds a context too, and nothing tells us of its
+// removal (DEVICE_REMOVAL goes to CM ids), so the kernel's removal would wait for as long as
+// this process runs. Its uverbs entry leaves sysfs before the kernel waits for the contexts to
+// close (ib_uverbs_remove_one): a thread looks once a second and, when an entry went, has
+// librdmacm look too, which closes the context of a removed device with no CM id left.
+void watch_device_removals() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    if (verbs_devices().empty()) return;  // no RDMA here (or no user verbs): nothing to watch
+    std::thread([] {
+      std::set<std::string> seen = verbs_devices();
+      for (;;) {
+        std::this_thread::sleep_for(1s);
+        std::set<std::string> now = verbs_devices();
+        const bool gone = !std::includes(now.begin(), now.end(), seen.begin(), seen.end());
+        if (gone) {
+          log()->debug("an RDMA device went: letting librdmacm close its context");
+          forget_removed_devices();
+        }
+        seen = std::move(now);
+      }
+    }).detach();
+  });
 }
 
 

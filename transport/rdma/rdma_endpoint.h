@@ -37,6 +37,9 @@ std::string cm_event_text(const rdma::CmEvent& ev);
 std::optional<boost::asio::ip::address> sockaddr_address(const sockaddr* sa);
 // Makes librdmacm drop its context of a removed device (see rdma_endpoint.cc).
 void forget_removed_devices();
+// Starts (once per process) the watch that does the same for a device removed while no CM id
+// of ours was on it. Called by the RDMA listener and connector.
+void watch_device_removals();
 void set_nonblocking(int fd);
 
 // A connect request the listener accepted the private data of, with its id on an event

@@ -188,6 +188,7 @@ struct Impl : std::enable_shared_from_this<Impl> {
 
 std::unique_ptr<Listener> listen_rdma(asio::io_context& io, const std::string& address, std::uint16_t port,
                                       Listener::NextWorker next, Listener::OnAccept on_accept) {
+  rdma_detail::watch_device_removals();
   return std::make_unique<RdmaListener>(io, address, port, std::move(next), std::move(on_accept));
 }
 

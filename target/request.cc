@@ -119,7 +119,8 @@ void Request::on_new() {
     const BackingFile& f = *target_.file;
     if (cmd.opcode != wire::Opcode::kFlush && !wire::in_range(cmd.offset, cmd.length, f.size)) {
       status = -EINVAL;
-    } else if (cmd.opcode != wire::Opcode::kRead && cmd.opcode != wire::Opcode::kFlush && !target_.writable) {
+    } else if (cmd.opcode != wire::Opcode::kRead && cmd.opcode != wire::Opcode::kFlush &&
+               cmd.opcode != wire::Opcode::kExtents && !target_.writable) {
       status = -EROFS;
     }
   } else if (status == 0) {
@@ -187,7 +188,11 @@ void Request::on_executing() {
 void Request::storage_done(IoRequest* io, int result) {
   auto* r = static_cast<Request*>(io->context);
   r->status = result < 0 ? result : 0;
-  r->reply_length = result >= 0 && r->cmd.opcode == wire::Opcode::kRead ? r->cmd.length : 0;
+  // Bytes of reply payload in the slot: a read's data, an extent list's encoding (the result).
+  r->reply_length = result < 0 ? 0
+                    : r->cmd.opcode == wire::Opcode::kRead    ? r->cmd.length
+                    : r->cmd.opcode == wire::Opcode::kExtents ? static_cast<std::uint32_t>(result)
+                                                              : 0;
   r->pending_ = false;
   r->advance();
 }

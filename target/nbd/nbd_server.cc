@@ -249,7 +249,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
 
   bool acquire_slot(target::Request& req) override {
     Op& op = of(req);
-    const std::size_t need = req.cmd.length;
+    const std::size_t need = req.buffer_bytes();
     // A connection holds at most max_buffered bytes of payload; one request always fits.
     if ((buffered_ > 0 && buffered_ + need > server_->opts.max_buffered) || !waiting_.empty()) {
       waiting_.push_back(&req);
@@ -274,7 +274,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     }
     while (!waiting_.empty()) {
       target::Request* next = waiting_.front();
-      const std::size_t need = next->cmd.length;
+      const std::size_t need = next->buffer_bytes();
       if (buffered_ > 0 && buffered_ + need > server_->opts.max_buffered) break;
       waiting_.pop_front();
       if (!give(of(*next), need)) {

@@ -663,6 +663,23 @@ void Client::write_zeroes(unsigned q, std::uint32_t handle, std::uint64_t offset
   submit(q, make(wire::Opcode::kWriteZeroes, handle, offset, length, flags), nullptr, std::move(cb));
 }
 
+void Client::extents(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length,
+                     ExtentsCallback cb) {
+  struct Reply {
+    alignas(8) std::byte buf[wire::kExtentsReplySize];
+    wire::ExtentList list;
+  };
+  if (length == 0 || max_io_ < wire::kExtentsReplySize) return cb(-EINVAL, wire::ExtentList{});
+  auto reply = std::make_shared<Reply>();
+  std::byte* buf = reply->buf;
+  submit(q, make(wire::Opcode::kExtents, handle, offset, length, 0), buf,
+         [reply, length, cb = std::move(cb)](int status) {
+           if (status == 0 && wire::decode(reply->buf, length, &reply->list) != wire::DecodeError::kNone) status = -EPROTO;
+           if (status != 0) reply->list = wire::ExtentList{};
+           cb(status, reply->list);
+         });
+}
+
 void Client::run_until(const std::function<bool()>& done) {
   ensure_started();
   while (!done()) {

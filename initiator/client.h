@@ -110,6 +110,11 @@ class Client {
   void trim(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, Callback cb);
   void write_zeroes(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, std::uint32_t flags,
                     Callback cb);
+  // Where data is in [offset, offset + length): runs contiguous from offset that may end before
+  // offset + length (ask again from where they end). Only on exports whose Opened.extents is
+  // set. A reply that breaks the wire rules completes with -EPROTO. See initiator/extents.h.
+  using ExtentsCallback = std::function<void(int status, const wire::ExtentList& list)>;
+  void extents(unsigned q, std::uint32_t handle, std::uint64_t offset, std::uint32_t length, ExtentsCallback cb);
 
   // Memory the caller's I/O buffers come from: registered with every RDMA connection of the
   // session (this one's and later ones'), so data moves straight to and from it. Buffers outside

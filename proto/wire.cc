@@ -86,6 +86,7 @@ DecodeError decode(std::span<const std::byte> in, Command* out) {
       break;
     case Opcode::kTrim:
     case Opcode::kWriteZeroes:
+    case Opcode::kExtents:
       if (c.length == 0) return DecodeError::kBadLength;
       break;
     case Opcode::kHeartbeat:
@@ -121,6 +122,40 @@ DecodeError decode(std::span<const std::byte> in, FrameHeader* out) {
   const std::uint32_t limit = h.type == FrameType::kControl ? kMaxControlSize : kMaxFramePayload;
   if (h.length > limit) return DecodeError::kTooLong;
   *out = h;
+  return DecodeError::kNone;
+}
+
+void encode(const ExtentList& l, std::byte* out) {
+  put32(out, l.count);
+  put32(out + 4, l.flags);
+  for (std::uint32_t i = 0; i < l.count; ++i) {
+    std::byte* p = out + kExtentsHeaderSize + i * kExtentSize;
+    put64(p, l.runs[i].length);
+    put32(p + 8, l.runs[i].type);
+    put32(p + 12, 0);
+  }
+}
+
+DecodeError decode(std::span<const std::byte> in, std::uint64_t asked, ExtentList* out) {
+  if (in.size() < kExtentsHeaderSize) return DecodeError::kTruncated;
+  const std::uint32_t count = get32(in.data());
+  const std::uint32_t flags = get32(in.data() + 4);
+  if (count == 0 || count > kMaxExtents) return DecodeError::kBadLength;
+  if (in.size() < extents_size(count)) return DecodeError::kTruncated;
+  if (flags & ~kExtentsExact) return DecodeError::kBadFlags;
+  out->flags = flags;
+  out->count = count;
+  std::uint64_t covered = 0;
+  for (std::uint32_t i = 0; i < count; ++i) {
+    const std::byte* p = in.data() + kExtentsHeaderSize + i * kExtentSize;
+    Extent& e = out->runs[i];
+    e.length = get64(p);
+    e.type = get32(p + 8);
+    if (get32(p + 12) != 0) return DecodeError::kReserved;
+    if (e.type & ~(kExtentHole | kExtentZero)) return DecodeError::kBadFlags;
+    if (e.length == 0 || e.length > asked - covered) return DecodeError::kBadLength;
+    covered += e.length;
+  }
   return DecodeError::kNone;
 }
 

@@ -26,8 +26,9 @@ inline constexpr std::size_t kMaxClientName = 256;  // longer Hello.client_name 
 
 // kHeartbeat: no data, no export (handle, offset, length, flags 0); the target answers it at
 // once with status 0, never through the storage, so an answered heartbeat says the target runs.
-enum class Opcode : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4, kHeartbeat = 5 };
-inline constexpr std::uint8_t kMaxOpcode = 5;
+enum class Opcode : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4, kHeartbeat = 5,
+                                   kExtents = 6 };
+inline constexpr std::uint8_t kMaxOpcode = 6;
 inline constexpr std::uint8_t kFlagFua = 1u << 0;
 inline constexpr std::uint8_t kKnownFlags = kFlagFua;
 
@@ -88,6 +89,49 @@ DecodeError decode(std::span<const std::byte> in, FrameHeader* out);
 // True when [offset, offset+length) lies inside [0, size), without overflow.
 constexpr bool in_range(std::uint64_t offset, std::uint64_t length, std::uint64_t size) {
   return offset <= size && length <= size - offset;
+}
+
+// --- Extents (opcode 6) -----------------------------------------------------------------
+// A command asks which runs of [offset, offset + length) hold data; its reply carries an
+// extent list as a read carries data (after the completion on TCP, by RDMA WRITE into the
+// command's buffer on RDMA), so it takes the data path's buffers, limits and ordering.
+// Reply payload: a header {u32 count, u32 flags} then `count` descriptors {u64 length,
+// u32 type, u32 reserved 0}, the runs contiguous from the command's offset. The reply may
+// cover less than was asked (at most kMaxExtents runs): ask again from where it ends.
+inline constexpr std::uint32_t kMaxExtents = 255;
+inline constexpr std::size_t kExtentsHeaderSize = 8;
+inline constexpr std::size_t kExtentSize = 16;
+// The initiator's buffer for an extents reply (RDMA: what the target may write into).
+inline constexpr std::uint32_t kExtentsReplySize = 4096;
+static_assert(kExtentsHeaderSize + kMaxExtents * kExtentSize <= kExtentsReplySize);
+inline constexpr std::uint32_t kExtentsExact = 1u << 0;  // header flag: the storage said where data is
+inline constexpr std::uint32_t kExtentHole = 1u << 0;    // type: not allocated (as NBD_STATE_HOLE)
+inline constexpr std::uint32_t kExtentZero = 1u << 1;    // type: reads as zeroes (as NBD_STATE_ZERO)
+
+struct Extent {
+  std::uint64_t length = 0;
+  std::uint32_t type = 0;  // 0 data, or kExtentHole | kExtentZero
+};
+struct ExtentList {
+  std::uint32_t flags = 0;  // kExtentsExact
+  std::uint32_t count = 0;
+  Extent runs[kMaxExtents];
+};
+
+// Bytes of reply payload for `count` runs.
+constexpr std::size_t extents_size(std::uint32_t count) { return kExtentsHeaderSize + count * kExtentSize; }
+// Writes l into out (extents_size(l.count) bytes).
+void encode(const ExtentList& l, std::byte* out);
+// A reply to a command for `asked` bytes: 1 to kMaxExtents runs of at least one byte, known
+// types, reserved fields 0, covering at most `asked`. `in` may be the whole reply buffer:
+// only its first extents_size(count) bytes are read.
+DecodeError decode(std::span<const std::byte> in, std::uint64_t asked, ExtentList* out);
+
+// Whether a successful reply to op carries a payload (a read's data, an extent list).
+constexpr bool reply_has_payload(Opcode op) { return op == Opcode::kRead || op == Opcode::kExtents; }
+// Bytes of the initiator's buffer a command uses: its data, or room for an extent list.
+constexpr std::uint32_t buffer_size(const Command& c) {
+  return c.opcode == Opcode::kExtents ? kExtentsReplySize : c.length;
 }
 
 }  // namespace ibdisk::wire

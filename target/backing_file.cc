@@ -84,6 +84,8 @@ RangeLock::Mode order_mode(const BackingFile& f, const IoRequest& r) {
     case IoOp::kRead:
     case IoOp::kWrite:
       return goes_direct(f, r.offset, r.length, r.data) ? RangeLock::Mode::kDirect : RangeLock::Mode::kBuffered;
+    case IoOp::kExtents:
+      return RangeLock::Mode::kQuery;
     default:
       // Trim and write-zeroes touch the page cache and the device both (fallocate, BLKDISCARD,
       // zero-filling writes): nothing else runs on their pages meanwhile.

@@ -189,6 +189,7 @@ void QueueHandler::on_control(const proto::Control& msg) {
       opened->set_fua(true);
       opened->set_trim(info.trim && !o.read_only());
       opened->set_write_zeroes(!info.read_only && !o.read_only());
+      opened->set_extents(true);
       log()->info("{}: opened '{}' {} as handle {}", peer_, o.name(), o.read_only() ? "read-only" : "read-write", handle);
       break;
     }
@@ -417,7 +418,7 @@ bool QueueHandler::on_command(const wire::Command& cmd) {
 
 RequestPort::Resolved QueueHandler::resolve(Request& req) {
   Resolved out;
-  if (req.has_data() && req.cmd.length > max_io_) {
+  if ((req.cmd.opcode == wire::Opcode::kRead || req.cmd.opcode == wire::Opcode::kWrite) && req.cmd.length > max_io_) {
     fail_with(proto::ERROR_PROTOCOL, "a command of " + std::to_string(req.cmd.length) +
                                          " bytes, above the granted max I/O size of " + std::to_string(max_io_));
     out.verdict = Verdict::kFatal;

@@ -27,12 +27,17 @@ void RangeLock::List::erase(Entry& e) {
 
 bool RangeLock::conflict(const Entry& a, const Entry& b) {
   if (a.last < b.first || b.last < a.first) return false;
-  return a.mode != b.mode || a.mode == Mode::kExclusive;
+  if (a.mode == Mode::kExclusive || b.mode == Mode::kExclusive) return true;
+  if (a.mode == Mode::kQuery || b.mode == Mode::kQuery) return false;
+  return a.mode != b.mode;
 }
 
 bool RangeLock::conflicts(const List& l, const Entry& e, const Entry* stop) {
   // Only entries of another mode (or exclusive ones) can conflict: skip the scan when none.
-  const unsigned others = e.mode == Mode::kExclusive ? l.size() : l.size() - l.count[static_cast<unsigned>(e.mode)];
+  const auto n = [&l](Mode m) { return l.count[static_cast<unsigned>(m)]; };
+  const unsigned others = e.mode == Mode::kExclusive ? l.size()
+                          : e.mode == Mode::kQuery   ? n(Mode::kExclusive)
+                                                     : l.size() - n(e.mode) - n(Mode::kQuery);
   if (others == 0) return false;
   for (const Entry* x = l.head; x && x != stop; x = x->next) {
     if (conflict(*x, e)) return true;

@@ -5,7 +5,7 @@
 // the old bytes of the direct range, which writeback then puts back on disk ("Page cache
 // invalidation failure on direct I/O"): completed writes lost. Requests of the same mode may
 // overlap (their order is the initiator's business, as NBD says); trim and write-zeroes are
-// exclusive. Waiters are served in order, so none starves.
+// exclusive; extents queries wait only for those. Waiters are served in order, so none starves.
 // Threads: any; a waiter is woken on its own io_context.
 #include <cstdint>
 #include <mutex>
@@ -17,7 +17,9 @@ namespace ibdisk::target {
 class RangeLock {
  public:
   static constexpr std::uint64_t kPage = 4096;
-  enum class Mode : std::uint8_t { kDirect = 0, kBuffered = 1, kExclusive = 2 };
+  // kQuery (an extents request) reads only the allocation map: it waits for exclusive
+  // requests (trim, write-zeroes) on its pages, and runs beside reads and writes of both paths.
+  enum class Mode : std::uint8_t { kDirect = 0, kBuffered = 1, kExclusive = 2, kQuery = 3 };
 
   struct Entry {
     std::uint64_t first = 0, last = 0;  // pages, inclusive
@@ -47,8 +49,8 @@ class RangeLock {
   struct List {
     Entry* head = nullptr;
     Entry* tail = nullptr;
-    unsigned count[3] = {0, 0, 0};  // by mode
-    unsigned size() const { return count[0] + count[1] + count[2]; }
+    unsigned count[4] = {0, 0, 0, 0};  // by mode
+    unsigned size() const { return count[0] + count[1] + count[2] + count[3]; }
     void push(Entry& e);
     void erase(Entry& e);
   };

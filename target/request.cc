@@ -121,7 +121,8 @@ void Request::on_new() {
     const BackingFile& f = *target_.file;
     if (cmd.opcode != wire::Opcode::kFlush && !wire::in_range(cmd.offset, cmd.length, f.size)) {
       status = -EINVAL;
-    } else if (cmd.opcode != wire::Opcode::kRead && cmd.opcode != wire::Opcode::kFlush && !target_.writable) {
+    } else if (cmd.opcode != wire::Opcode::kRead && cmd.opcode != wire::Opcode::kFlush &&
+               cmd.opcode != wire::Opcode::kExtents && !target_.writable) {
       status = -EROFS;
     }
   } else if (status == 0) {
@@ -131,6 +132,9 @@ void Request::on_new() {
     // Answer the error; a write's payload is still on its way and must be skipped first.
     return go(cmd.opcode == wire::Opcode::kWrite ? State::kDataIn : State::kDataOut);
   }
+  // IoOp's values are the wire opcodes of the commands that reach the storage.
+  static_assert(static_cast<int>(IoOp::kWriteZeroes) == static_cast<int>(wire::Opcode::kWriteZeroes) &&
+                static_cast<int>(IoOp::kExtents) == static_cast<int>(wire::Opcode::kExtents));
   io_.op = static_cast<IoOp>(cmd.opcode);
   io_.flags = (cmd.flags & wire::kFlagFua) ? kIoFua : 0;
   io_.offset = cmd.offset;
@@ -189,7 +193,11 @@ void Request::on_executing() {
 void Request::storage_done(IoRequest* io, int result) {
   auto* r = static_cast<Request*>(io->context);
   r->status = result < 0 ? result : 0;
-  r->reply_length = result >= 0 && r->cmd.opcode == wire::Opcode::kRead ? r->cmd.length : 0;
+  // Bytes of reply payload in the slot: a read's data, an extent list's encoding (the result).
+  r->reply_length = result < 0 ? 0
+                    : r->cmd.opcode == wire::Opcode::kRead    ? r->cmd.length
+                    : r->cmd.opcode == wire::Opcode::kExtents ? static_cast<std::uint32_t>(result)
+                                                              : 0;
   r->pending_ = false;
   r->advance();
 }

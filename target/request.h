@@ -91,8 +91,13 @@ class Request final : public transport::DataOp {
   // The reply: 0 or -errno, and bytes of read data in the slot.
   std::int32_t status = 0;
   std::uint32_t reply_length = 0;
-  // Where the request's data lives (read/write), for the port.
-  bool has_data() const { return cmd.opcode == wire::Opcode::kRead || cmd.opcode == wire::Opcode::kWrite; }
+  // Whether the request needs a buffer (read/write data, an extent list), for the port.
+  bool has_data() const {
+    return cmd.opcode == wire::Opcode::kRead || cmd.opcode == wire::Opcode::kWrite ||
+           cmd.opcode == wire::Opcode::kExtents;
+  }
+  // Bytes of buffer it needs: the data, or room for an extent list (wire::buffer_size).
+  std::uint32_t buffer_bytes() const { return wire::buffer_size(cmd); }
   void* port_data = nullptr;  // the port's own per-request pointer (e.g. its protocol's request)
 
   static const char* name(State s);

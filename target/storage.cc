@@ -30,6 +30,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "target/extents.h"
 
 namespace ibdisk::target {
 namespace {
@@ -286,6 +287,10 @@ int StorageEngine::Impl::check(const BackingFile& f, const IoRequest& r, unsigne
       break;
     case IoOp::kFlush:
       return 0;
+    case IoOp::kExtents:
+      if (r.data == nullptr) return -EINVAL;
+      if (r.offset > f.size || r.length > f.size - r.offset) return -EINVAL;
+      return 0;
     case IoOp::kTrim:
     case IoOp::kWriteZeroes:
       break;
@@ -332,6 +337,7 @@ void StorageEngine::Impl::submit(BackingFile& f, IoRequest* r) {
 // Chooses the first step of a request; steps that need no ring entry finish here.
 void StorageEngine::Impl::start(IoRequest* r) {
   BackingFile& f = *r->file_;
+  if (r->op == IoOp::kExtents) return finish_later(r, map_extents(f, r->offset, r->length, r->data));
   if (r->op == IoOp::kTrim && f.block_device) {
     // BLKDISCARD has no io_uring opcode before Linux 6.12's uring_cmd, and it is synchronous:
     // the helper thread does it. Discard is advisory, so round inwards to whole logical blocks.
@@ -446,6 +452,8 @@ bool StorageEngine::Impl::prep(IoRequest* r) {
           // On a block device this is blkdev_issue_zeroout, as BLKZEROOUT, but off this thread.
           io_uring_prep_fallocate(sqe, f.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len);
           break;
+        case IoOp::kExtents:
+          break;  // never in the ring: start() answers it
       }
   }
   io_uring_sqe_set_data(sqe, r);

@@ -14,6 +14,10 @@
 // - kTrim punches a hole (files, through io_uring) or BLKDISCARD (block devices, on a helper
 //   thread in pieces of at most kDiscardChunk: the ioctl is synchronous and may take seconds);
 //   kWriteZeroes uses FALLOC_FL_ZERO_RANGE / BLKZEROOUT, falling back to writing zeroes.
+// - kExtents writes an extent list (wire::ExtentList, at most wire::kExtentsReplySize bytes)
+//   into `data` and returns its size: SEEK_DATA/SEEK_HOLE on files (target/extents.h), all
+//   data on block devices. lseek has no io_uring opcode; it runs on the io thread, a few
+//   calls per run, and completes on the next turn like any request.
 // - Data goes through O_DIRECT when offset, length and buffer are aligned to the logical
 //   block size (goes_direct()), through the page cache otherwise; the path is chosen once per
 //   request, so a short transfer's remainder never switches it. Callers that mix both paths
@@ -35,7 +39,7 @@
 
 namespace ibdisk::target {
 
-enum class IoOp : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4 };
+enum class IoOp : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4, kExtents = 6 };
 struct BackingFile;
 inline constexpr std::uint32_t kIoFua = 1u << 0;
 
@@ -44,7 +48,7 @@ struct IoRequest {
   std::uint32_t flags = 0;  // kIoFua
   std::uint64_t offset = 0;
   std::uint32_t length = 0;
-  std::byte* data = nullptr;  // read destination / write source; unused otherwise
+  std::byte* data = nullptr;  // read destination / write source / extent list; unused otherwise
   int fixed_index = -1;       // a registered buffer containing `data`, or -1
   void (*done)(IoRequest* req, int result) = nullptr;
   void* context = nullptr;    // the caller's; the engine does not touch it

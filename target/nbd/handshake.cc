@@ -87,7 +87,7 @@ Handshake::Next Handshake::on_option(std::uint32_t option, std::span<const std::
       return Next::kOption;
     case kOptListMetaContext:
     case kOptSetMetaContext:
-      return refuse(out, option, kRepErrUnsup, "this server offers no metadata contexts (no block status)");
+      return meta_context(option, data, out);
     default:
       return refuse(out, option, kRepErrUnsup, "option " + std::to_string(option) + " is not supported by this server");
   }
@@ -120,8 +120,42 @@ Handshake::Next Handshake::info_or_go(std::uint32_t option, std::span<const std:
   }
   append_option_reply(out, option, kRepAck);
   if (option == kOptInfo) return Next::kOption;
-  transmission_ = {std::move(a.facts), flags, structured_};
+  const bool block_status = block_status_for(a.facts.name);
+  transmission_ = {std::move(a.facts), flags, structured_, block_status};
   return Next::kTransmission;
+}
+
+Handshake::Next Handshake::meta_context(std::uint32_t option, std::span<const std::byte> data,
+                                        std::vector<std::byte>& out) {
+  const bool set = option == kOptSetMetaContext;
+  const char* what = set ? "NBD_OPT_SET_META_CONTEXT" : "NBD_OPT_LIST_META_CONTEXT";
+  if (set) meta_selected_ = false;  // each SET replaces the selection, also when it fails
+  if (set && !structured_) {
+    return refuse(out, option, kRepErrInvalid, std::string(what) + " needs structured replies (NBD_OPT_STRUCTURED_REPLY) first");
+  }
+  MetaContextQuery q;
+  if (parse_meta_context_query(data, &q) != Parse::kOk) {
+    return refuse(out, option, kRepErrInvalid,
+                  std::string(what) + " data is malformed (name length, query count and option length disagree)");
+  }
+  const std::string name = resolve(q.name);
+  const auto names = catalog_.names();
+  if (name.empty() || std::find(names.begin(), names.end(), name) == names.end()) {
+    return refuse(out, option, kRepErrUnknown,
+                  "no export named '" + std::string(q.name) + "' (this target exports: " + joined(names) + ")");
+  }
+  // LIST: no query, or "base:" (the namespace), lists every context; SET takes exact names.
+  bool match = !set && q.queries.empty();
+  for (const std::string_view query : q.queries) {
+    if (query == kBaseAllocation || (!set && query == "base:")) match = true;
+  }
+  if (match) append_meta_context(out, option, kBaseAllocationId, kBaseAllocation);
+  if (set) {
+    meta_selected_ = match;
+    meta_export_ = name;
+  }
+  append_option_reply(out, option, kRepAck);
+  return Next::kOption;
 }
 
 Handshake::Next Handshake::export_name(std::span<const std::byte> data, std::vector<std::byte>& out) {
@@ -143,7 +177,8 @@ Handshake::Next Handshake::export_name(std::span<const std::byte> data, std::vec
   }
   const std::uint16_t flags = transmission_flags(a.facts, structured_);
   append_export_name_reply(out, a.facts.size, flags, no_zeroes());
-  transmission_ = {std::move(a.facts), flags, structured_};
+  const bool block_status = block_status_for(a.facts.name);
+  transmission_ = {std::move(a.facts), flags, structured_, block_status};
   return Next::kTransmission;
 }
 

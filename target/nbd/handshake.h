@@ -47,6 +47,7 @@ struct Transmission {
   ExportFacts facts;
   std::uint16_t flags = 0;  // transmission flags as sent
   bool structured = false;  // NBD_OPT_STRUCTURED_REPLY was acknowledged
+  bool block_status = false;  // base:allocation selected for this export (NBD_OPT_SET_META_CONTEXT)
 };
 
 // The transmission flags this server sends for an export.
@@ -80,6 +81,9 @@ class Handshake {
  private:
   Next info_or_go(std::uint32_t option, std::span<const std::byte> data, std::vector<std::byte>& out);
   Next export_name(std::span<const std::byte> data, std::vector<std::byte>& out);
+  Next meta_context(std::uint32_t option, std::span<const std::byte> data, std::vector<std::byte>& out);
+  // Whether base:allocation was selected for the export the client goes to.
+  bool block_status_for(const std::string& name) const { return structured_ && meta_selected_ && meta_export_ == name; }
   // The empty name means the default export: the only one, when there is exactly one.
   std::string resolve(std::string_view name) const;
   Next refuse(std::vector<std::byte>& out, std::uint32_t option, std::uint32_t type, std::string message);
@@ -88,6 +92,8 @@ class Handshake {
   std::uint32_t client_flags_ = 0;
   unsigned options_ = 0;
   bool structured_ = false;
+  bool meta_selected_ = false;  // the last NBD_OPT_SET_META_CONTEXT selected base:allocation
+  std::string meta_export_;     // ... for this export
   Transmission transmission_;
   std::string reason_;
   std::uint32_t last_error_ = 0;

@@ -13,6 +13,7 @@
 
 #include "common/error.h"
 #include "common/log.h"
+#include "target/nbd/block_status.h"
 #include "target/nbd/handshake.h"
 #include "target/nbd/protocol.h"
 #include "target/request.h"
@@ -123,6 +124,7 @@ struct Op {
   std::size_t accounted = 0;  // bytes counted in the connection's buffered total
   std::uint32_t error = 0;    // an NBD error found before the request path (check_request)
   const char* message = nullptr;
+  std::uint32_t descriptors = 0;  // a block status reply's, in buf
   // The reply: a header kept here, then an optional tail (read data or error message).
   std::array<std::byte, 32> head{};
   std::size_t head_len = 0;
@@ -249,7 +251,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
 
   bool acquire_slot(target::Request& req) override {
     Op& op = of(req);
-    const std::size_t need = req.cmd.length;
+    const std::size_t need = req.buffer_bytes();
     // A connection holds at most max_buffered bytes of payload; one request always fits.
     if ((buffered_ > 0 && buffered_ + need > server_->opts.max_buffered) || !waiting_.empty()) {
       waiting_.push_back(&req);
@@ -274,7 +276,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     }
     while (!waiting_.empty()) {
       target::Request* next = waiting_.front();
-      const std::size_t need = next->cmd.length;
+      const std::size_t need = next->buffer_bytes();
       if (buffered_ > 0 && buffered_ + need > server_->opts.max_buffered) break;
       waiting_.pop_front();
       if (!give(of(*next), need)) {
@@ -307,6 +309,14 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
       op.message = strerrordesc_np(-req.status);
       log_->warn("{}: {} at offset {} length {} on '{}' failed: {}", peer_, command_name(op.nbd.type), op.nbd.offset,
                  op.nbd.length, file_->path, op.message);
+    }
+    if (op.error == 0 && op.nbd.type == kCmdBlockStatus) {
+      const std::uint32_t most = (op.nbd.flags & kCmdFlagReqOne) ? 1 : wire::kMaxExtents;
+      op.descriptors = encode_block_status(req.slot.data, req.reply_length, op.nbd.length, most);
+      if (op.descriptors == 0) {
+        op.error = kEio;
+        op.message = "the target's extent list was malformed";
+      }
     }
     build_reply(op);
     replies_.push_back(&op);
@@ -443,6 +453,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     limits_.size = t.facts.size;
     limits_.transmission_flags = t.flags;
     limits_.max_payload = kMaxPayload;
+    limits_.block_status = t.block_status;
     structured_ = t.structured;
     ops_ = std::vector<Op>(std::max(1u, server_->opts.max_in_flight));
     free_.reserve(ops_.size());
@@ -474,6 +485,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
       case kCmdWrite: return wire::Opcode::kWrite;
       case kCmdFlush: return wire::Opcode::kFlush;
       case kCmdTrim: return wire::Opcode::kTrim;
+      case kCmdBlockStatus: return wire::Opcode::kExtents;
       default: return wire::Opcode::kWriteZeroes;
     }
   }
@@ -555,6 +567,10 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
         op.set_head(make_read_chunk(r.cookie, r.offset, r.length));
         op.tail = op.req.slot.data;
         op.tail_len = r.length;
+      } else if (r.type == kCmdBlockStatus) {
+        op.set_head(make_block_status_chunk(r.cookie, kBaseAllocationId, op.descriptors));
+        op.tail = op.req.slot.data;
+        op.tail_len = op.descriptors * sizeof(BlockDescriptorWire);
       } else {
         op.set_head(make_chunk(kReplyFlagDone, kReplyNone, r.cookie, 0));
       }

@@ -140,6 +140,10 @@ Verdict check_request(const Request& r, const ExportLimits& x) {
       if (!(tf & kFlagSendTrim)) return {kEinval, "NBD_CMD_TRIM was not offered for this export"};
       writes = true;
       break;
+    case kCmdBlockStatus:
+      if (!x.block_status) return {kEinval, "NBD_CMD_BLOCK_STATUS without a metadata context selected (NBD_OPT_SET_META_CONTEXT)"};
+      allowed |= kCmdFlagReqOne;
+      break;
     case kCmdWriteZeroes:
       if (!(tf & kFlagSendWriteZeroes)) return {kEinval, "NBD_CMD_WRITE_ZEROES was not offered for this export"};
       allowed |= kCmdFlagNoHole;
@@ -228,6 +232,15 @@ void append_rep_server(std::vector<std::byte>& out, std::uint32_t option, std::s
   append(out, name);
 }
 
+void append_meta_context(std::vector<std::byte>& out, std::uint32_t option, std::uint32_t id, std::string_view name) {
+  name = clip(name);
+  append_reply_header(out, option, kRepMetaContext, 4 + name.size());
+  Be32 v;
+  v.set(id);
+  append(out, bytes_of(v));
+  append(out, name);
+}
+
 void append_info_export(std::vector<std::byte>& out, std::uint32_t option, std::uint64_t size,
                         std::uint16_t transmission_flags) {
   InfoExportWire w;
@@ -300,6 +313,39 @@ ErrorReplyWire make_error_chunk(std::uint64_t cookie, std::uint32_t error, std::
   w.error.error.set(error);
   w.error.message_length.set(message_length);
   return w;
+}
+
+BlockStatusChunkWire make_block_status_chunk(std::uint64_t cookie, std::uint32_t context_id, std::uint32_t count) {
+  BlockStatusChunkWire w;
+  w.chunk = make_chunk(kReplyFlagDone, kReplyBlockStatus, cookie,
+                       static_cast<std::uint32_t>(4 + count * sizeof(BlockDescriptorWire)));
+  w.context_id.set(context_id);
+  return w;
+}
+
+Parse parse_meta_context_query(std::span<const std::byte> data, MetaContextQuery* out) {
+  // u32 name length, name, u32 count, count x (u32 length, string).
+  if (data.size() < 8) return Parse::kInvalid;
+  const std::uint32_t name_len = load<Be32>(data).get();
+  if (name_len > data.size() - 8) return Parse::kInvalid;
+  out->name = {reinterpret_cast<const char*>(data.data() + 4), name_len};
+  if (!is_protocol_string(out->name)) return Parse::kInvalid;
+  auto rest = data.subspan(4 + name_len);
+  const std::uint32_t count = load<Be32>(rest).get();
+  rest = rest.subspan(4);
+  // Each query takes at least 4 bytes: a count the data cannot hold is malformed.
+  if (count > rest.size() / 4) return Parse::kInvalid;
+  out->queries.clear();
+  for (std::uint32_t i = 0; i < count; ++i) {
+    if (rest.size() < 4) return Parse::kInvalid;
+    const std::uint32_t len = load<Be32>(rest).get();
+    if (len > rest.size() - 4) return Parse::kInvalid;
+    const std::string_view q{reinterpret_cast<const char*>(rest.data() + 4), len};
+    if (!is_protocol_string(q)) return Parse::kInvalid;
+    out->queries.push_back(q);
+    rest = rest.subspan(4 + len);
+  }
+  return rest.empty() ? Parse::kOk : Parse::kInvalid;
 }
 
 }  // namespace ibdisk::nbd

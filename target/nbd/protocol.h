@@ -47,6 +47,7 @@ enum OptionReply : std::uint32_t {
   kRepAck = 1,
   kRepServer = 2,
   kRepInfo = 3,
+  kRepMetaContext = 4,
   kRepErrUnsup = kRepErrorBit + 1,
   kRepErrPolicy = kRepErrorBit + 2,
   kRepErrInvalid = kRepErrorBit + 3,
@@ -99,6 +100,7 @@ enum ReplyType : std::uint16_t {
   kReplyNone = 0,
   kReplyOffsetData = 1,
   kReplyOffsetHole = 2,
+  kReplyBlockStatus = 5,
   kReplyError = (1u << 15) + 1,
   kReplyErrorOffset = (1u << 15) + 2,
 };
@@ -114,6 +116,13 @@ enum WireError : std::uint32_t {
   kEnotsup = 95,
   kEshutdown = 108,
 };
+
+// --- metadata contexts ----------------------------------------------------------------------
+// The one context this server offers: allocation, from the storage's extents.
+inline constexpr std::string_view kBaseAllocation = "base:allocation";
+inline constexpr std::uint32_t kBaseAllocationId = 1;
+inline constexpr std::uint32_t kStateHole = 1u << 0;  // base:allocation: not allocated
+inline constexpr std::uint32_t kStateZero = 1u << 1;  // base:allocation: reads as zeroes
 
 // --- limits ---------------------------------------------------------------------------------
 // Strings (export names, messages): the protocol's own ceiling.
@@ -275,6 +284,15 @@ struct ExportQuery {
 // protocol string (longer than 4096 bytes, or contains NUL).
 Parse parse_export_query(std::span<const std::byte> data, ExportQuery* out);
 
+// The data of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT: an export name and
+// queries (u32 length + string each). Views into the option's bytes.
+struct MetaContextQuery {
+  std::string_view name;
+  std::vector<std::string_view> queries;
+};
+// kInvalid when a length disagrees with the option length or a string is not a protocol string.
+Parse parse_meta_context_query(std::span<const std::byte> data, MetaContextQuery* out);
+
 // NBD_OPT_EXPORT_NAME: the whole data is the name.
 Parse parse_export_name(std::span<const std::byte> data, std::string_view* name);
 
@@ -296,6 +314,7 @@ struct ExportLimits {
   std::uint64_t size = 0;
   std::uint16_t transmission_flags = kFlagHasFlags;
   std::uint32_t max_payload = kMaxPayload;
+  bool block_status = false;  // base:allocation was selected (needs structured replies)
 };
 struct Verdict {
   std::uint32_t error = 0;          // a WireError, 0 when the request may go to storage
@@ -316,6 +335,7 @@ void append_option_reply(std::vector<std::byte>& out, std::uint32_t option, std:
 void append_option_error(std::vector<std::byte>& out, std::uint32_t option, std::uint32_t type,
                          std::string_view message);
 void append_rep_server(std::vector<std::byte>& out, std::uint32_t option, std::string_view name);
+void append_meta_context(std::vector<std::byte>& out, std::uint32_t option, std::uint32_t id, std::string_view name);
 void append_info_export(std::vector<std::byte>& out, std::uint32_t option, std::uint64_t size,
                         std::uint16_t transmission_flags);
 // NBD_INFO_NAME or NBD_INFO_DESCRIPTION.
@@ -345,5 +365,19 @@ struct ErrorReplyWire {
 };
 static_assert(sizeof(ErrorReplyWire) == 26);
 ErrorReplyWire make_error_chunk(std::uint64_t cookie, std::uint32_t error, std::uint16_t message_length);
+
+// A block status reply: one BLOCK_STATUS chunk marked DONE for a context; `count`
+// descriptors (BlockDescriptorWire) follow.
+struct BlockStatusChunkWire {
+  StructuredReplyWire chunk;
+  Be32 context_id;
+};
+static_assert(sizeof(BlockStatusChunkWire) == 24);
+struct BlockDescriptorWire {
+  Be32 length;
+  Be32 flags;  // kStateHole | kStateZero
+};
+static_assert(sizeof(BlockDescriptorWire) == 8);
+BlockStatusChunkWire make_block_status_chunk(std::uint64_t cookie, std::uint32_t context_id, std::uint32_t count);
 
 }  // namespace ibdisk::nbd

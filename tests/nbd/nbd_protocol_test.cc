@@ -486,10 +486,6 @@ TEST_F(NbdHandshake, AbortIsAckedThenCloses) {
 TEST_F(NbdHandshake, UnsupportedOptionsAreRefusedAndHaggleGoesOn) {
   ASSERT_EQ(option(kOptStartTls), Handshake::Next::kOption);
   EXPECT_EQ(replies(out).at(0).type, kRepErrPolicy);
-  ASSERT_EQ(option(kOptSetMetaContext, query("base:allocation")), Handshake::Next::kOption);
-  EXPECT_EQ(replies(out).at(0).type, kRepErrUnsup);
-  ASSERT_EQ(option(kOptListMetaContext), Handshake::Next::kOption);
-  EXPECT_EQ(replies(out).at(0).type, kRepErrUnsup);
   ASSERT_EQ(option(kOptExtendedHeaders), Handshake::Next::kOption);
   EXPECT_EQ(replies(out).at(0).type, kRepErrUnsup);
   ASSERT_EQ(option(0xdead), Handshake::Next::kOption);
@@ -497,6 +493,76 @@ TEST_F(NbdHandshake, UnsupportedOptionsAreRefusedAndHaggleGoesOn) {
   EXPECT_EQ(r.at(0).option, 0xdeadu);
   EXPECT_EQ(r.at(0).type, kRepErrUnsup);
   EXPECT_EQ(option(kOptGo, query("disk")), Handshake::Next::kTransmission);
+}
+
+// The data of NBD_OPT_LIST/SET_META_CONTEXT.
+std::vector<std::byte> meta(std::string_view name, std::vector<std::string_view> queries) {
+  auto out = cat(be({{name.size(), 4}}), text(name));
+  out = cat(out, be({{queries.size(), 4}}));
+  for (auto q : queries) out = cat(cat(out, be({{q.size(), 4}})), text(q));
+  return out;
+}
+
+TEST_F(NbdHandshake, MetaContextsOfferBaseAllocationAndSelectItForGo) {
+  // SET before structured replies is invalid; LIST is not.
+  ASSERT_EQ(option(kOptSetMetaContext, meta("disk", {"base:allocation"})), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).at(0).type, kRepErrInvalid);
+  ASSERT_EQ(option(kOptListMetaContext, meta("disk", {})), Handshake::Next::kOption);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0].type, kRepMetaContext);
+  EXPECT_EQ(r[0].data, cat(be({{kBaseAllocationId, 4}}), text("base:allocation")));
+  EXPECT_EQ(r[1].type, kRepAck);
+  ASSERT_EQ(option(kOptListMetaContext, meta("disk", {"base:"})), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).size(), 2u);
+  ASSERT_EQ(option(kOptListMetaContext, meta("disk", {"qemu:dirty-bitmap:x"})), Handshake::Next::kOption);
+  ASSERT_EQ(replies(out).size(), 1u);  // nothing matches: only the ack
+  ASSERT_EQ(option(kOptListMetaContext, meta("nope", {})), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).at(0).type, kRepErrUnknown);
+  auto bad = meta("disk", {"base:allocation"});
+  bad.pop_back();
+  ASSERT_EQ(option(kOptListMetaContext, bad), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).at(0).type, kRepErrInvalid);
+  ASSERT_EQ(option(kOptStructuredReply), Handshake::Next::kOption);
+  ASSERT_EQ(option(kOptSetMetaContext, meta("disk", {"base:allocation", "other:thing"})), Handshake::Next::kOption);
+  r = replies(out);
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(r[0].type, kRepMetaContext);
+  ASSERT_EQ(option(kOptGo, query("disk")), Handshake::Next::kTransmission);
+  EXPECT_TRUE(hs.transmission().block_status);
+}
+
+TEST_F(NbdHandshake, MetaContextForAnotherExportOrNoneLeavesBlockStatusOff) {
+  ASSERT_EQ(option(kOptStructuredReply), Handshake::Next::kOption);
+  ASSERT_EQ(option(kOptSetMetaContext, meta("iso", {"base:allocation"})), Handshake::Next::kOption);
+  ASSERT_EQ(option(kOptGo, query("disk")), Handshake::Next::kTransmission);
+  EXPECT_FALSE(hs.transmission().block_status);
+  Handshake h2{catalog};
+  std::vector<std::byte> o;
+  ASSERT_EQ(h2.on_client_flags(be({{kClientFlagFixedNewstyle, 4}})), Handshake::Next::kOption);
+  ASSERT_EQ(h2.on_option(kOptStructuredReply, {}, o), Handshake::Next::kOption);
+  ASSERT_EQ(h2.on_option(kOptSetMetaContext, meta("disk", {"base:allocation"}), o), Handshake::Next::kOption);
+  ASSERT_EQ(h2.on_option(kOptSetMetaContext, meta("disk", {}), o), Handshake::Next::kOption);  // selects none
+  ASSERT_EQ(h2.on_option(kOptGo, query("disk"), o), Handshake::Next::kTransmission);
+  EXPECT_FALSE(h2.transmission().block_status);
+}
+
+TEST(NbdRequestCheck, BlockStatusNeedsASelectedContext) {
+  Request r;
+  r.type = kCmdBlockStatus;
+  r.length = 4096;
+  ExportLimits x;
+  x.size = 1 << 20;
+  EXPECT_EQ(check_request(r, x).error, kEinval);
+  x.block_status = true;
+  EXPECT_EQ(check_request(r, x).error, 0u);
+  r.flags = kCmdFlagReqOne;
+  EXPECT_EQ(check_request(r, x).error, 0u);
+  r.offset = (1 << 20) - 100;
+  EXPECT_EQ(check_request(r, x).error, kEinval);
+  r.offset = 0;
+  r.length = 0;
+  EXPECT_EQ(check_request(r, x).error, kEinval);
 }
 
 TEST_F(NbdHandshake, EndlessOptionsClose) {

@@ -3,6 +3,7 @@
 // real clients installed on the host (nbdinfo, nbdcopy, qemu-img) with content checked by
 // SHA-256 both ways.
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -21,6 +22,7 @@
 #include "target/nbd/nbd_server.h"
 #include "target/nbd/protocol.h"
 #include "target/storage.h"
+#include "tests/support/fixtures.h"
 #include "tests/support/process.h"
 #include "transport/tcp/asio.h"
 
@@ -629,6 +631,66 @@ TEST_F(NbdServerTest, QemuImgInfoAndConvertBothWays) {
   EXPECT_EQ(file_sha(dir_ / "iso-copy.img"), sha256_hex(iso_));
   r = testing::run({tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", (dir_ / "src.img").string(), uri("disk")});
   EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// base:allocation: disk.img made sparse with data in a few places; nbdinfo --map and
+// qemu-img map list the same extents from this server as from `nbdkit file` on the same
+// file, and nbdcopy (which skips holes) still copies it byte for byte, leaving holes.
+TEST_F(NbdServerTest, BlockStatusMatchesNbdkitFile) {
+  REQUIRE_TOOL("nbdinfo");
+  REQUIRE_TOOL("nbdkit");
+  const fs::path img = dir_ / "disk.img";
+  {
+    const int fd = ::open(img.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, kDiskSize), 0);
+    const auto data = pattern(64 << 10, 7);
+    for (const off_t at : {off_t{0}, off_t{1} << 20, (off_t{3} << 20) + 8192, off_t(kDiskSize) - 4096}) {
+      const std::size_t n = std::min<std::size_t>(data.size(), kDiskSize - at);
+      ASSERT_EQ(::pwrite(fd, data.data(), n, at), static_cast<ssize_t>(n));
+    }
+    ::close(fd);
+  }
+  const std::uint16_t kit_port = testing::free_port();
+  testing::Child kit({tool("nbdkit"), "-f", "-r", "-i", "127.0.0.1", "-p", std::to_string(kit_port), "file", img.string()});
+  const std::string kit_uri = "nbd://127.0.0.1:" + std::to_string(kit_port) + "/";
+  for (int i = 0; i < 100 && testing::run({tool("nbdinfo"), "--size", kit_uri}).exit_code != 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  const auto ours = testing::run({tool("nbdinfo"), "--map", uri("disk")});
+  const auto theirs = testing::run({tool("nbdinfo"), "--map", kit_uri});
+  ASSERT_EQ(ours.exit_code, 0) << ours.output;
+  ASSERT_EQ(theirs.exit_code, 0) << theirs.output;
+  EXPECT_EQ(ours.output, theirs.output);
+  EXPECT_NE(ours.output.find("hole,zero"), std::string::npos) << ours.output;
+  if (!tool("qemu-img").empty()) {
+    const auto q1 = testing::run({tool("qemu-img"), "map", "--output=json", "-f", "raw", uri("disk")});
+    const auto q2 = testing::run({tool("qemu-img"), "map", "--output=json", "-f", "raw", kit_uri});
+    ASSERT_EQ(q1.exit_code, 0) << q1.output;
+    EXPECT_EQ(q1.output, q2.output);
+    EXPECT_NE(q1.output.find("\"data\": false"), std::string::npos) << q1.output;
+  }
+  if (!tool("nbdcopy").empty()) {
+    const auto r = testing::run({tool("nbdcopy"), uri("disk"), (dir_ / "copy.img").string()});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "copy.img"), file_sha(img));
+    struct stat a {}, b {};
+    ASSERT_EQ(::stat(img.c_str(), &a), 0);
+    ASSERT_EQ(::stat((dir_ / "copy.img").c_str(), &b), 0);
+    EXPECT_LE(b.st_blocks, a.st_blocks + a.st_blocks / 10) << "the copy should keep the holes";
+  }
+}
+
+// A client that selected no metadata context (plain, simple replies) gets EINVAL for
+// NBD_CMD_BLOCK_STATUS and the connection keeps serving.
+TEST_F(NbdServerTest, BlockStatusWithoutAContextIsRefused) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("disk").type, kRepAck);
+  c.request(kCmdBlockStatus, 1, 0, 4096);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEinval}, std::uint64_t{1}));
+  c.request(kCmdRead, 2, 0, 512);
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{2}));
+  EXPECT_EQ(c.recv(512).size(), 512u);
 }
 
 }  // namespace

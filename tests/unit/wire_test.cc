@@ -78,7 +78,7 @@ TEST(Wire, Rejections) {
   encode(c, buf);
   Command out;
   EXPECT_EQ(decode(std::span<const std::byte>(buf, 39), &out), DecodeError::kTruncated);
-  buf[0] = std::byte{6};
+  buf[0] = std::byte{wire::kMaxOpcode + 1};
   EXPECT_EQ(decode(buf, &out), DecodeError::kBadOpcode);
   buf[0] = std::byte{0};
   buf[1] = std::byte{0x80};
@@ -176,6 +176,47 @@ TEST(RemoteName, Parses) {
   EXPECT_FALSE(initiator::parse_remote("/tmp/vm1.img", &r));
   EXPECT_FALSE(initiator::parse_remote("./a/b", &r));
   EXPECT_FALSE(initiator::parse_remote("a/b/c", &r));
+}
+
+// An extent list round-trips, and a decoder refuses counts, lengths and fields out of the rules.
+TEST(Wire, ExtentListRoundTripAndChecks) {
+  ExtentList l;
+  l.flags = kExtentsExact;
+  l.count = 3;
+  l.runs[0] = {4096, 0};
+  l.runs[1] = {1 << 20, kExtentHole | kExtentZero};
+  l.runs[2] = {512, 0};
+  std::vector<std::byte> buf(extents_size(3));
+  encode(l, buf.data());
+  ExtentList out;
+  ASSERT_EQ(decode(buf, 4096 + (1 << 20) + 512, &out), DecodeError::kNone);
+  EXPECT_EQ(out.count, 3u);
+  EXPECT_EQ(out.flags, kExtentsExact);
+  EXPECT_EQ(out.runs[1].length, 1u << 20);
+  EXPECT_EQ(out.runs[1].type, kExtentHole | kExtentZero);
+  EXPECT_EQ(decode(buf, 4096, &out), DecodeError::kBadLength);  // covers more than asked
+  EXPECT_EQ(decode(std::span<const std::byte>(buf).first(buf.size() - 1), ~0ull, &out), DecodeError::kTruncated);
+  EXPECT_EQ(decode(std::span<const std::byte>(buf).first(4), ~0ull, &out), DecodeError::kTruncated);
+  buf[8 + 16 + 12] = std::byte{1};
+  EXPECT_EQ(decode(buf, ~0ull, &out), DecodeError::kReserved);
+  buf[8 + 16 + 12] = std::byte{0};
+  buf[8 + 16 + 8] = std::byte{4};
+  EXPECT_EQ(decode(buf, ~0ull, &out), DecodeError::kBadFlags);
+  l.count = 0;
+  encode(l, buf.data());
+  EXPECT_EQ(decode(std::span<const std::byte>(buf).first(8), ~0ull, &out), DecodeError::kBadLength);
+  // An extents command needs a length, and may ask for more than the largest I/O.
+  Command c;
+  c.opcode = Opcode::kExtents;
+  c.length = 0xffffffffu;
+  std::byte cap[kCommandSize];
+  encode(c, cap);
+  Command dc;
+  EXPECT_EQ(decode(cap, &dc), DecodeError::kNone);
+  EXPECT_EQ(buffer_size(dc), kExtentsReplySize);
+  c.length = 0;
+  encode(c, cap);
+  EXPECT_EQ(decode(cap, &dc), DecodeError::kBadLength);
 }
 
 }  // namespace

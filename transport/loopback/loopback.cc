@@ -319,7 +319,7 @@ void ServerEnd::send_control(const proto::Control& msg) {
 
 void ServerEnd::send_reply(DataOp& op, std::int32_t status, std::uint32_t length) {
   if (dead_) return op.reply_sent(-ENOTCONN);
-  const bool with_data = status == 0 && op.cmd.opcode == wire::Opcode::kRead && op.slot.data != nullptr;
+  const bool with_data = status == 0 && wire::reply_has_payload(op.cmd.opcode) && op.slot.data != nullptr;
   const auto it = carried_.find(op.cmd.tag);
   if (it != carried_.end() && !it->second.empty()) {
     const Carried c = it->second.front();

@@ -101,13 +101,15 @@ class RdmaClientConnection final : public ClientConnection, public RegisteredMem
 
   int submit(const wire::Command& cmd, std::byte* buffer) override {
     if (dead_) return -ENOTCONN;
-    const bool data = cmd.opcode == wire::Opcode::kRead || cmd.opcode == wire::Opcode::kWrite;
-    if (data && (cmd.length == 0 || cmd.length > max_io_)) return -EINVAL;
+    const bool data = cmd.opcode == wire::Opcode::kRead || cmd.opcode == wire::Opcode::kWrite ||
+                      cmd.opcode == wire::Opcode::kExtents;
+    const std::uint32_t bytes = wire::buffer_size(cmd);  // an extent list's room, or the data
+    if (data && (cmd.length == 0 || bytes > max_io_)) return -EINVAL;
     if (inflight_.count(cmd.tag)) return -EEXIST;
     wire::Command c = cmd;
     std::uint32_t slot = kNoSlot;
     if (data) {
-      if (const rdma::MemoryRegion* mr = user_region(buffer, cmd.length)) {
+      if (const rdma::MemoryRegion* mr = user_region(buffer, bytes)) {
         c.addr = reinterpret_cast<std::uintptr_t>(buffer);  // the target moves the data straight to or from it
         c.rkey = mr->rkey();
       } else {
@@ -190,8 +192,11 @@ class RdmaClientConnection final : public ClientConnection, public RegisteredMem
     const auto it = inflight_.find(c.tag);
     if (it == inflight_.end()) return fail(CloseCode::kProtocol, "completion for an unknown tag " + std::to_string(c.tag));
     const Pending p = it->second;
-    const bool read_data = p.cmd.opcode == wire::Opcode::kRead && c.status == 0;
-    if (read_data ? c.length != p.cmd.length : c.length != 0) return fail(CloseCode::kProtocol, "completion length does not match the command");
+    const bool read_data = wire::reply_has_payload(p.cmd.opcode) && c.status == 0;
+    const bool length_ok = !read_data                                 ? c.length == 0
+                           : p.cmd.opcode == wire::Opcode::kExtents ? c.length <= wire::kExtentsReplySize
+                                                                     : c.length == p.cmd.length;
+    if (!length_ok) return fail(CloseCode::kProtocol, "completion length does not match the command");
     if (p.slot != kNoSlot) {
       if (read_data) std::memcpy(p.buffer, bounce_.data() + static_cast<std::size_t>(p.slot) * max_io_, c.length);
       free_slots_.push_back(p.slot);

@@ -88,7 +88,7 @@ class RdmaServerConnection final : public ServerConnection,
 
   void send_reply(DataOp& op, std::int32_t status, std::uint32_t length) override {
     if (dead_) return op.reply_sent(-ENOTCONN);
-    const bool with_data = status == 0 && op.cmd.opcode == wire::Opcode::kRead && op.slot.data != nullptr;
+    const bool with_data = status == 0 && wire::reply_has_payload(op.cmd.opcode) && op.slot.data != nullptr;
     ibv_sge send_sge{};
     std::byte* p = small_buffer(&send_sge);
     rdma_detail::encode(rdma_detail::MsgHeader{wire::FrameType::kCompletion, 0, wire::kCompletionSize}, p);

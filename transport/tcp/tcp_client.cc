@@ -191,7 +191,10 @@ class TcpClientConnection final : public ClientConnection, private Writer::Event
       const auto it = inflight_.find(c.tag);
       if (it == inflight_.end()) return fail({CloseCode::kProtocol, "completion for an unknown tag " + std::to_string(c.tag)});
       const Pending p = it->second;
-      if (d.payload && (p.cmd.opcode != wire::Opcode::kRead || d.payload != p.cmd.length)) {
+      const std::uint32_t most = p.cmd.opcode == wire::Opcode::kRead      ? p.cmd.length
+                                 : p.cmd.opcode == wire::Opcode::kExtents ? wire::kExtentsReplySize
+                                                                          : 0;
+      if (d.payload && (d.payload > most || (p.cmd.opcode == wire::Opcode::kRead && d.payload != most))) {
         return fail({CloseCode::kProtocol, "completion length does not match the command"});
       }
       if (d.payload == 0) {

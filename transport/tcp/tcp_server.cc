@@ -74,7 +74,7 @@ class TcpServerConnection final : public ServerConnection,
   void send_reply(DataOp& op, std::int32_t status, std::uint32_t length) override {
     if (dead_) return op.reply_sent(-ENOTCONN);
     OutFrame f;
-    const bool with_data = status == 0 && op.cmd.opcode == wire::Opcode::kRead && op.slot.data != nullptr;
+    const bool with_data = status == 0 && wire::reply_has_payload(op.cmd.opcode) && op.slot.data != nullptr;
     const std::uint32_t data_len = with_data ? length : 0;
     wire::encode(wire::FrameHeader{wire::FrameType::kCompletion,
                                    static_cast<std::uint32_t>(wire::kCompletionSize + data_len)},

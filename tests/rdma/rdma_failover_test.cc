@@ -4,7 +4,8 @@
 // removes the device both ends use: I/O continues on TCP with no error and no mismatch; after
 // `rdma link add` the session moves back to RDMA (the Client API and `ibdisk stats` agree), the
 // workload finishes and every byte of the export is read back; then rxe1, a device no
-// connection uses, is removed while both processes run, and must go within 90 s. Runs as
+// connection uses, is removed while both processes run, and must go within 90 s; last, rxe0's
+// netdev goes down and up, and a new initiator must get in over RDMA again. Runs as
 // vm.rdma-failover: it deletes and re-creates the guest's devices, so it has a guest of its own.
 #include <dirent.h>
 #include <signal.h>
@@ -297,6 +298,43 @@ TEST(RdmaFailover, LinkDeleteMidWorkloadContinuesOnTcpThenBackOnRdma) {
   work.run(50);
   EXPECT_EQ(work.result().errors, 0u);
   EXPECT_TRUE(all_on(*client, "rdma")) << client->rdma_not_used();
+
+  // 6. rxe0's netdev down and up (a cable out and back in) while an initiator tries to
+  // connect: it must fail at once, naming the port, and get in over RDMA once the link is up.
+  // It used to send its connect request down the dead port, and after that Soft-RoCE's
+  // connection manager answered no connect request (of any process) until rxe0 was re-created.
+  client.reset();
+  EXPECT_EQ(sh("ip link set veth0 down 2>&1", &rc), "");
+  o.transport = "rdma";
+  o.timeout = 5s;
+  const auto t_down = Clock::now();
+  try {
+    Client::connect(o);
+    ADD_FAILURE() << "connected over RDMA with veth0 down";
+  } catch (const std::exception& e) {
+    SAY("connecting with veth0 down: %s (%.2f s)", e.what(), std::chrono::duration<double>(Clock::now() - t_down).count());
+    EXPECT_NE(std::string(e.what()).find("RDMA port rxe0/1 is"), std::string::npos) << e.what();
+  }
+  std::this_thread::sleep_for(2s);
+  EXPECT_EQ(sh("ip link set veth0 up 2>&1", &rc), "");
+  const auto t_up = Clock::now();
+  SAY("ip link set veth0 up");
+  std::string last;
+  while (!client && Clock::now() - t_up < kBackLimit) {
+    try {
+      client = Client::connect(o);
+    } catch (const std::exception& e) {
+      last = e.what();
+      std::this_thread::sleep_for(500ms);
+    }
+  }
+  ASSERT_TRUE(client) << "no RDMA connection within " << kBackLimit.count() << " s of veth0 up: " << last
+                      << "\ntarget log:\n" << slurp(log);
+  SAY("a new initiator connected over RDMA %.2f s after veth0 up",
+      std::chrono::duration<double>(Clock::now() - t_up).count());
+  const auto reopened = client->open("disk", false);
+  std::vector<std::byte> block(4096);
+  EXPECT_EQ(testing::sync(*client, [&](auto cb) { client->read(0, reopened.handle(), 0, 4096, block.data(), cb); }), 0);
 
   client.reset();
   ::kill(target.pid(), SIGTERM);

@@ -310,6 +310,16 @@ std::unique_ptr<ClientConnection> rdma_connect(asio::io_context& io, const std::
       return nullptr;
     }
     ev.reset();
+    // A connect request sent through a port that is not active (its netdev down, or a device
+    // added moments ago) times out, and on Soft-RoCE it leaves the device's connection manager
+    // answering no connect request at all, ours or anyone's, until the device is re-created:
+    // never send one there.
+    if (ibv_port_attr pa{}; ibv_query_port(id.verbs(), id.get()->port_num, &pa) == 0 && pa.state != IBV_PORT_ACTIVE) {
+      *why_not = std::string("RDMA port ") + ibv_get_device_name(id.verbs()->device) + "/" +
+                 std::to_string(id.get()->port_num) + " is " + ibv_port_state_str(pa.state) +
+                 " (its link is down: check the cable and `ip link show`)";
+      return nullptr;
+    }
     auto dev = std::make_shared<RdmaDeviceCache::Device>(id.verbs(), nullptr);
     auto conn = std::make_unique<RdmaClientConnection>(io, std::move(ch), std::move(id), std::move(dev), opts, where);
     conn->connect(left());

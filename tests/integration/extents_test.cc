@@ -25,26 +25,6 @@ using initiator::ExtentRun;
 constexpr std::uint64_t kSize = 64ull << 20;
 
 // The runs of a local file, by SEEK_DATA / SEEK_HOLE: the reference.
-std::vector<ExtentRun> seek_map(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY);
-  EXPECT_GE(fd, 0);
-  const off_t size = ::lseek(fd, 0, SEEK_END);
-  std::vector<ExtentRun> runs;
-  off_t pos = 0;
-  while (pos < size) {
-    off_t data = ::lseek(fd, pos, SEEK_DATA);
-    if (data < 0) data = size;
-    if (data > pos) runs.push_back({static_cast<std::uint64_t>(pos), static_cast<std::uint64_t>(data - pos),
-                                    wire::kExtentHole | wire::kExtentZero});
-    if (data >= size) break;
-    const off_t hole = ::lseek(fd, data, SEEK_HOLE);
-    runs.push_back({static_cast<std::uint64_t>(data), static_cast<std::uint64_t>(hole - data), 0});
-    pos = hole;
-  }
-  ::close(fd);
-  return runs;
-}
-
 void pwrite_at(const std::string& path, std::uint64_t offset, std::size_t length, unsigned char fill) {
   const int fd = ::open(path.c_str(), O_WRONLY);
   ASSERT_GE(fd, 0);
@@ -117,7 +97,7 @@ TEST_P(Extents, ASparseFileMatchesSeekDataAndSeekHole) {
   pwrite_at(path_, 20 << 20, 3 << 20, 0xcc);
   pwrite_at(path_, kSize - 4096, 4096, 0xdd);  // data up to the end
   serve();
-  const auto want = seek_map(path_);
+  const auto want = testing::seek_map(path_);
   ASSERT_GE(want.size(), 7u) << show(want);
   const auto got = initiator::map_extents(*client_, 0, handle_, 0, kSize, true);
   EXPECT_TRUE(got.exact);
@@ -157,7 +137,7 @@ TEST_P(Extents, AReplyIsBoundedAndTheInitiatorAsksForTheRest) {
   for (std::uint32_t i = 0; i < l.count; ++i) covered += l.runs[i].length;
   EXPECT_LT(covered, kSize) << "a reply of at most " << wire::kMaxExtents << " runs covers only part of 1200 runs";
   const auto got = initiator::map_extents(*client_, 1, handle_, 0, kSize, true);
-  const auto want = seek_map(path_);
+  const auto want = testing::seek_map(path_);
   EXPECT_EQ(want.size(), 1200u);  // 600 data runs, each followed by a hole
   EXPECT_TRUE(same(got.runs, want)) << "got " << got.runs.size() << " runs, want " << want.size();
 }

@@ -1,5 +1,5 @@
 // The RDMA data path end to end on Soft-RoCE: the random workload checked against a model,
-// the fallback to TCP and why, a forced RDMA connect to a TCP-only target, foreign private
+// extents, the fallback to TCP and why, a forced RDMA connect to a TCP-only target, foreign private
 // data, and the memlock message.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
@@ -11,6 +11,7 @@
 #include "common/checksum.h"
 #include "common/error.h"
 #include "initiator/client.h"
+#include "initiator/extents.h"
 #include "tests/rdma/rdma_env.h"
 #include "tests/support/fixtures.h"
 #include "tests/support/workload.h"
@@ -118,6 +119,37 @@ TEST(RdmaDataPath, NonDataCommandsAndErrors) {
   EXPECT_TRUE(std::equal(back.begin() + 12288, back.end(), data.begin() + 12288));
   EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle(), (16 << 20) - 512, 4096, back.data(), cb); }), -EINVAL);
   EXPECT_EQ(sync(*c, [&](auto cb) { c->read(0, h.handle() + 7, 0, 4096, back.data(), cb); }), -EBADF);
+}
+
+// The extents command over RDMA (its reply comes back by RDMA WRITE, like a read's data):
+// after writes over RDMA, the map of the export is the image file's SEEK_DATA / SEEK_HOLE
+// runs, exact, and a range inside the data is one data run.
+TEST(RdmaDataPath, ExtentsMatchTheImageFile) {
+  IBDISK_REQUIRE_RDMA();
+  constexpr std::uint64_t kSize = 16 << 20;
+  ImageTarget t(kSize);
+  auto c = Client::connect(client_for(t.srv.port(), 2, 4, "rdma"));
+  ASSERT_EQ(c->transport(0), "rdma");
+  const auto h = c->open("disk", false);
+  ASSERT_TRUE(h.extents());
+  std::vector<std::byte> data(256 << 10);
+  fill_pattern(data, 9);
+  for (const std::uint64_t off : {std::uint64_t{1} << 20, std::uint64_t{6} << 20, kSize - (256 << 10)}) {
+    ASSERT_EQ(sync(*c, [&](auto cb) { c->write(0, h.handle(), off, 256 << 10, data.data(), 0, cb); }), 0);
+  }
+  ASSERT_EQ(sync(*c, [&](auto cb) { c->flush(0, h.handle(), cb); }), 0);
+  const auto want = testing::seek_map(t.dir.file("d.img"));
+  const auto got = initiator::map_extents(*c, 1, h.handle(), 0, kSize, true);
+  EXPECT_TRUE(got.exact);
+  ASSERT_EQ(got.runs.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(got.runs[i].offset, want[i].offset) << "run " << i;
+    EXPECT_EQ(got.runs[i].length, want[i].length) << "run " << i;
+    EXPECT_EQ(got.runs[i].type, want[i].type) << "run " << i;
+  }
+  const auto inside = initiator::map_extents(*c, 0, h.handle(), (1 << 20) + 4096, 64 << 10, true);
+  ASSERT_EQ(inside.runs.size(), 1u);
+  EXPECT_FALSE(inside.runs[0].hole());
 }
 
 // Buffers inside memory given to register_memory() are read and written by the target

@@ -24,6 +24,26 @@ TempDir::~TempDir() {
   std::filesystem::remove_all(path_, ec);
 }
 
+std::vector<initiator::ExtentRun> seek_map(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw std::runtime_error("seek_map: cannot open " + path);
+  const off_t size = ::lseek(fd, 0, SEEK_END);
+  std::vector<initiator::ExtentRun> runs;
+  off_t pos = 0;
+  while (pos < size) {
+    off_t data = ::lseek(fd, pos, SEEK_DATA);
+    if (data < 0) data = size;
+    if (data > pos) runs.push_back({static_cast<std::uint64_t>(pos), static_cast<std::uint64_t>(data - pos),
+                                    wire::kExtentHole | wire::kExtentZero});
+    if (data >= size) break;
+    const off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    runs.push_back({static_cast<std::uint64_t>(data), static_cast<std::uint64_t>(hole - data), 0});
+    pos = hole;
+  }
+  ::close(fd);
+  return runs;
+}
+
 void make_sparse_file(const std::string& path, std::uint64_t size) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) throw std::runtime_error("cannot create " + path);

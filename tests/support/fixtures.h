@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "initiator/client.h"
+#include "initiator/extents.h"
 #include "target/server.h"
 
 namespace ibdisk::testing {
@@ -27,6 +28,9 @@ class TempDir {
 
 // Creates a sparse file of `size` bytes.
 void make_sparse_file(const std::string& path, std::uint64_t size);
+// A file's data and hole runs as SEEK_DATA / SEEK_HOLE tell them (what the extents command
+// must answer for it).
+std::vector<initiator::ExtentRun> seek_map(const std::string& path);
 
 // A target on 127.0.0.1 (any free port) exporting `path` as "disk", small enough for tests.
 target::ServerOptions loopback_target(const std::string& path, bool read_only = false, unsigned buffer_mib = 64);

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <iostream>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include <openssl/evp.h>
@@ -22,6 +23,7 @@
 #include "common/error.h"
 #include "initiator/client.h"
 #include "initiator/copy.h"
+#include "initiator/extents.h"
 
 namespace ibdisk::cli {
 namespace {
@@ -101,7 +103,10 @@ void parse_target(const std::string& text, std::string* host, std::uint16_t* por
 struct HostArgs {
   std::string target;
   Common c;
+  bool map = false;  // info: the export's extents too
 };
+
+const char* extent_kind(const initiator::ExtentRun& r) { return !r.hole() ? (r.zero() ? "zero" : "data") : "hole"; }
 
 int run_ls(HostArgs& a) {
   std::string host;
@@ -133,9 +138,21 @@ int run_info(HostArgs& a) {
   auto client = Client::connect(options_for(r.host, r.port, a.c));
   for (const auto& e : client->list_exports()) {
     if (e.name() != r.export_name) continue;
+    std::optional<initiator::ExtentMap> map;
+    if (a.map) {
+      const auto opened = client->open(e.name(), true);
+      map = initiator::map_extents(*client, 0, opened.handle(), 0, e.size(), opened.extents());
+    }
     if (a.c.json) {
-      std::cout << json_document(
-          {{"target", target_json(r.host, r.port, *client)}, {"transport", client->transport(0)}, {"export", export_json(e)}});
+      Json doc = {{"target", target_json(r.host, r.port, *client)}, {"transport", client->transport(0)}, {"export", export_json(e)}};
+      if (map) {
+        Json runs = Json::array();
+        for (const auto& x : map->runs) {
+          runs.push_back({{"offset", x.offset}, {"length", x.length}, {"type", extent_kind(x)}});
+        }
+        doc["extents"] = {{"exact", map->exact}, {"runs", runs}};
+      }
+      std::cout << json_document(doc);
       return 0;
     }
     std::printf("export:      %s\ntarget:      %s\ntransport:   %s\nsize:        %s (%llu bytes)\nblock size:  %u\n"
@@ -143,6 +160,16 @@ int run_info(HostArgs& a) {
                 e.name().c_str(), target_text(r.host, r.port, *client).c_str(), client->transport(0).c_str(), human_bytes(e.size()).c_str(),
                 static_cast<unsigned long long>(e.size()), e.block_size(), e.read_only() ? "read-only" : "read-write",
                 e.shared() ? "shared" : "exclusive (one at a time)", e.trim() ? "yes" : "no", e.readers(), e.writers());
+    if (map) {
+      std::uint64_t data = 0;
+      for (const auto& x : map->runs) data += x.hole() ? 0 : x.length;
+      std::printf("allocated:   %s of %s%s\n%20s %20s  type\n", human_bytes(data).c_str(), human_bytes(e.size()).c_str(),
+                  map->exact ? "" : " (not exact: the target cannot tell holes here, all is data)", "offset", "length");
+      for (const auto& x : map->runs) {
+        std::printf("%20llu %20llu  %s\n", static_cast<unsigned long long>(x.offset),
+                    static_cast<unsigned long long>(x.length), extent_kind(x));
+      }
+    }
     return 0;
   }
   std::string names;
@@ -425,6 +452,9 @@ void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
     auto a = std::make_shared<HostArgs>();
     auto* sub = app.add_subcommand("info", "Show one export in detail.");
     sub->add_option("export", a->target, "HOST[:PORT]/EXPORT")->required();
+    sub->add_flag("--map", a->map,
+                  "also list the export's extents: runs of data and holes (opens it read-only; a target "
+                  "that cannot tell holes, or an older one, shows all of it as data, not exact)");
     add_common(sub, a->c, true);
     on_run(sub, [a] { return run_info(*a); });
   }

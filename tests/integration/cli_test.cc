@@ -68,6 +68,34 @@ TEST_F(Cli, LsAndInfo) {
   EXPECT_NE(missing.output.find("this target exports: iso, vm1"), std::string::npos) << missing.output;
 }
 
+// info --map lists the export's runs of data and holes, as SEEK_DATA / SEEK_HOLE see the
+// image, in text and in --json.
+TEST_F(Cli, InfoMapListsTheExtents) {
+  {
+    std::fstream f(img_, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(5 << 20);
+    const std::string data(128 << 10, 'x');
+    f.write(data.data(), static_cast<std::streamsize>(data.size()));
+  }
+  const auto want = testing::seek_map(img_);
+  ASSERT_GE(want.size(), 2u);
+  const auto text = run({IBDISK_BINARY, "info", remote("vm1"), "--map"});
+  ASSERT_EQ(text.exit_code, 0) << text.output;
+  EXPECT_NE(text.output.find("allocated:"), std::string::npos) << text.output;
+  EXPECT_NE(text.output.find(std::to_string(want[1].offset) + " "), std::string::npos) << text.output;
+  const auto out = run({IBDISK_BINARY, "info", remote("vm1"), "--map", "--json"});
+  ASSERT_EQ(out.exit_code, 0) << out.output;
+  const auto j = nlohmann::json::parse(out.output.substr(out.output.find('{')));
+  EXPECT_TRUE(j["extents"]["exact"].get<bool>()) << out.output;
+  const auto& runs = j["extents"]["runs"];
+  ASSERT_EQ(runs.size(), want.size()) << out.output;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(runs[i]["offset"].get<std::uint64_t>(), want[i].offset) << out.output;
+    EXPECT_EQ(runs[i]["length"].get<std::uint64_t>(), want[i].length) << out.output;
+    EXPECT_EQ(runs[i]["type"].get<std::string>(), want[i].hole() ? "hole" : "data") << out.output;
+  }
+}
+
 // Upload a file to an export and download it back; --verify compares SHA-256 of both sides.
 TEST_F(Cli, CopyBothWaysVerified) {
   const auto down = run({IBDISK_BINARY, "copy", remote("iso"), dir_.file("iso.copy"), "--verify", "--no-progress"});

@@ -30,7 +30,10 @@ enum class Opcode : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3,
                                    kExtents = 6 };
 inline constexpr std::uint8_t kMaxOpcode = 6;
 inline constexpr std::uint8_t kFlagFua = 1u << 0;
-inline constexpr std::uint8_t kKnownFlags = kFlagFua;
+// Write-zeroes only: the zeroed range may become a hole (deallocated, as NBD_CMD_WRITE_ZEROES
+// without NO_HOLE). Sent only where Opened.zeroes_may_trim says the target knows it.
+inline constexpr std::uint8_t kFlagMayTrim = 1u << 1;
+inline constexpr std::uint8_t kKnownFlags = kFlagFua | kFlagMayTrim;
 
 enum class FrameType : std::uint8_t { kControl = 1, kCommand = 2, kCompletion = 3 };
 

@@ -190,6 +190,7 @@ void QueueHandler::on_control(const proto::Control& msg) {
       opened->set_trim(info.trim && !o.read_only());
       opened->set_write_zeroes(!info.read_only && !o.read_only());
       opened->set_extents(true);
+      opened->set_zeroes_may_trim(opened->write_zeroes());
       log()->info("{}: opened '{}' {} as handle {}", peer_, o.name(), o.read_only() ? "read-only" : "read-write", handle);
       break;
     }

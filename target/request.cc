@@ -136,7 +136,8 @@ void Request::on_new() {
   static_assert(static_cast<int>(IoOp::kWriteZeroes) == static_cast<int>(wire::Opcode::kWriteZeroes) &&
                 static_cast<int>(IoOp::kExtents) == static_cast<int>(wire::Opcode::kExtents));
   io_.op = static_cast<IoOp>(cmd.opcode);
-  io_.flags = (cmd.flags & wire::kFlagFua) ? kIoFua : 0;
+  io_.flags = ((cmd.flags & wire::kFlagFua) ? kIoFua : 0) |
+              ((cmd.flags & wire::kFlagMayTrim) && cmd.opcode == wire::Opcode::kWriteZeroes ? kIoMayTrim : 0);
   io_.offset = cmd.offset;
   io_.length = cmd.length;
   io_.done = &Request::storage_done;

@@ -450,7 +450,12 @@ bool StorageEngine::Impl::prep(IoRequest* r) {
           break;
         case IoOp::kWriteZeroes:
           // On a block device this is blkdev_issue_zeroout, as BLKZEROOUT, but off this thread.
-          io_uring_prep_fallocate(sqe, f.fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, off, len);
+          // On a file with kIoMayTrim a hole: it reads as zeros and takes no space.
+          io_uring_prep_fallocate(sqe, f.fd,
+                                  ((r->flags & kIoMayTrim) && !f.block_device ? FALLOC_FL_PUNCH_HOLE
+                                                                              : FALLOC_FL_ZERO_RANGE) |
+                                      FALLOC_FL_KEEP_SIZE,
+                                  off, len);
           break;
         case IoOp::kExtents:
           break;  // never in the ring: start() answers it

@@ -13,7 +13,8 @@
 // - Writes with kIoFua are durable when `done` runs (RWF_DSYNC); kFlush is fdatasync.
 // - kTrim punches a hole (files, through io_uring) or BLKDISCARD (block devices, on a helper
 //   thread in pieces of at most kDiscardChunk: the ioctl is synchronous and may take seconds);
-//   kWriteZeroes uses FALLOC_FL_ZERO_RANGE / BLKZEROOUT, falling back to writing zeroes.
+//   kWriteZeroes uses FALLOC_FL_ZERO_RANGE / BLKZEROOUT (with kIoMayTrim on a file, a punched
+//   hole), falling back to writing zeroes.
 // - kExtents writes an extent list (wire::ExtentList, at most wire::kExtentsReplySize bytes)
 //   into `data` and returns its size: SEEK_DATA/SEEK_HOLE on files (target/extents.h), all
 //   data on block devices. lseek has no io_uring opcode; it runs on the io thread, a few
@@ -42,10 +43,11 @@ namespace ibdisk::target {
 enum class IoOp : std::uint8_t { kRead = 0, kWrite = 1, kFlush = 2, kTrim = 3, kWriteZeroes = 4, kExtents = 6 };
 struct BackingFile;
 inline constexpr std::uint32_t kIoFua = 1u << 0;
+inline constexpr std::uint32_t kIoMayTrim = 1u << 1;  // kWriteZeroes on a file: punch a hole instead
 
 struct IoRequest {
   IoOp op = IoOp::kRead;
-  std::uint32_t flags = 0;  // kIoFua
+  std::uint32_t flags = 0;  // kIoFua, kIoMayTrim
   std::uint64_t offset = 0;
   std::uint32_t length = 0;
   std::byte* data = nullptr;  // read destination / write source / extent list; unused otherwise

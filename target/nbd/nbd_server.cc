@@ -523,6 +523,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     wire::Command cmd;
     cmd.opcode = opcode_of(r.type);
     cmd.flags = (r.flags & kCmdFlagFua) ? wire::kFlagFua : 0;
+    if (r.type == kCmdWriteZeroes && !(r.flags & kCmdFlagNoHole)) cmd.flags |= wire::kFlagMayTrim;
     cmd.offset = r.offset;
     cmd.length = r.length;
     cmd.tag = r.cookie;

@@ -280,6 +280,37 @@ TEST_F(NbdServerTest, CommandsRoundTripAndReachTheFile) {
   EXPECT_EQ(sha256_hex(read_file(dir_ / "disk.img")), sha256_hex(expect));
 }
 
+// NBD_CMD_WRITE_ZEROES without NBD_CMD_FLAG_NO_HOLE may deallocate, and on a file export it
+// does (a hole: the space comes back, issue 21); with NO_HOLE the blocks stay allocated. Both
+// read back as zeros.
+TEST_F(NbdServerTest, WriteZeroesPunchesUnlessNoHole) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("disk").type, kRepAck);
+  ASSERT_TRUE(c.flags_ & kFlagSendWriteZeroes);
+  const auto data = pattern(1 << 20, 9);
+  for (std::uint64_t at : {0ull, 2ull << 20}) {
+    c.request(kCmdWrite, 1, at, 1 << 20, kCmdFlagFua, data);
+    ASSERT_EQ(c.simple().first, 0u);
+  }
+  c.request(kCmdWriteZeroes, 2, 0, 1 << 20);
+  EXPECT_EQ(c.simple().first, 0u);
+  c.request(kCmdWriteZeroes, 3, 2 << 20, 1 << 20, kCmdFlagNoHole);
+  EXPECT_EQ(c.simple().first, 0u);
+  for (std::uint64_t at : {0ull, 2ull << 20}) {
+    c.request(kCmdRead, 4, at, 1 << 20);
+    EXPECT_EQ(c.simple().first, 0u);
+    EXPECT_EQ(c.recv(1 << 20), std::vector<std::byte>(1 << 20)) << "at " << at;
+  }
+  c.request(kCmdDisc, 5, 0, 0);
+  EXPECT_TRUE(c.closed_by_server());
+  const int fd = ::open((dir_ / "disk.img").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  EXPECT_EQ(::lseek(fd, 0, SEEK_HOLE), 0) << "write-zeroes without NO_HOLE leaves a hole";
+  EXPECT_EQ(::lseek(fd, 2 << 20, SEEK_DATA), 2 << 20) << "write-zeroes with NO_HOLE keeps the blocks";
+  EXPECT_GE(::lseek(fd, 2 << 20, SEEK_HOLE), 3 << 20) << "write-zeroes with NO_HOLE keeps the blocks";
+  ::close(fd);
+}
+
 // Many requests in flight on one connection; replies matched by cookie, in any order.
 TEST_F(NbdServerTest, ManyRequestsInFlightMatchedByCookie) {
   RawClient c(port());

@@ -317,6 +317,7 @@ initiator::CopyResult stream_download(Client& client, std::uint32_t handle, std:
   }
   initiator::CopyResult r;
   r.bytes = size;
+  r.moved_bytes = size;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
@@ -359,6 +360,8 @@ int run_copy(CopyArgs& a) {
 
   initiator::CopyOptions copts;
   copts.block_size = a.block;
+  copts.extents = opened.extents();
+  copts.zeroes_may_trim = opened.zeroes_may_trim();
   Progress progress(src_is_remote ? "download" : "upload", !a.no_progress && !a.c.json);
   copts.progress = [&progress](std::uint64_t done, std::uint64_t total) { progress.update(done, total); };
 
@@ -401,9 +404,9 @@ int run_copy(CopyArgs& a) {
   progress.finish();
   const double mib_s = result.seconds > 0 ? static_cast<double>(result.bytes) / (1 << 20) / result.seconds : 0;
   if (!a.c.json) {
-    std::fprintf(out, "copied %s in %.2fs (%.1f MiB/s) over %s, %u queue(s) x depth %u, %u thread(s)\n",
-                 human_bytes(result.bytes).c_str(), result.seconds, mib_s, client->transport(0).c_str(), a.queues,
-                 client->queue_depth(0), lanes);
+    std::fprintf(out, "copied %s (%s of it data) in %.2fs (%.1f MiB/s) over %s, %u queue(s) x depth %u, %u thread(s)\n",
+                 human_bytes(result.bytes).c_str(), human_bytes(result.bytes - result.skipped_zero_bytes).c_str(),
+                 result.seconds, mib_s, client->transport(0).c_str(), a.queues, client->queue_depth(0), lanes);
   }
   Json verify = nullptr;
   int rc = 0;
@@ -426,6 +429,7 @@ int run_copy(CopyArgs& a) {
                                 {"export", r.export_name},
                                 {"bytes", result.bytes},
                                 {"skipped_zero_bytes", result.skipped_zero_bytes},
+                                {"moved_bytes", result.moved_bytes},
                                 {"seconds", result.seconds},
                                 {"mib_per_second", mib_s},
                                 {"transport", client->transport(0)},
@@ -470,8 +474,8 @@ void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
     auto* sub = app.add_subcommand(
         "copy",
         "Copy an export to a local file or device, or a local file to an export.\n"
-        "  ibdisk copy 10.30.0.1/vm1 vm1.img        download (the file stays sparse)\n"
-        "  ibdisk copy vm1.img 10.30.0.1/vm1        upload, then flush\n"
+        "  ibdisk copy 10.30.0.1/vm1 vm1.img        download (holes are not read; the file stays sparse)\n"
+        "  ibdisk copy vm1.img 10.30.0.1/vm1        upload (the file's holes are not sent), then flush\n"
         "  ibdisk copy 10.30.0.1/vm1 - | gzip > vm1.img.gz   to standard output\n"
         "A side is the export unless a local path of that name, or its first folder, exists; write\n"
         "ibdisk://HOST/EXPORT to force it.");

@@ -218,10 +218,7 @@ TEST(CliDemo, EndToEndOnThisHost) {
 namespace ibdisk {
 namespace {
 
-std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
-}
+using testing::read_file;
 
 // Issue 14, finding 2: a download into an existing file leaves it byte-equal to the export:
 // same size (the file was longer), and the export's zero blocks zero there too (the old bytes

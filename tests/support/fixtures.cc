@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <fstream>
+#include <iterator>
 #include <mutex>
 #include <random>
 #include <set>
@@ -42,6 +44,11 @@ std::vector<initiator::ExtentRun> seek_map(const std::string& path) {
   }
   ::close(fd);
   return runs;
+}
+
+std::string read_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
 }
 
 void make_sparse_file(const std::string& path, std::uint64_t size) {

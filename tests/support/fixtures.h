@@ -28,6 +28,8 @@ class TempDir {
 
 // Creates a sparse file of `size` bytes.
 void make_sparse_file(const std::string& path, std::uint64_t size);
+// A whole file's bytes ("" when it cannot be read).
+std::string read_file(const std::string& path);
 // A file's data and hole runs as SEEK_DATA / SEEK_HOLE tell them (what the extents command
 // must answer for it).
 std::vector<initiator::ExtentRun> seek_map(const std::string& path);

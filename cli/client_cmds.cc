@@ -286,38 +286,54 @@ bool names_export(const std::string& text, initiator::RemoteName* r) {
 }
 
 // A download into a pipe: reads in order, a window of requests at a time, written in order.
+// The export's holes (with extents) are written as zeros without reading them.
 initiator::CopyResult stream_download(Client& client, std::uint32_t handle, std::uint64_t size, int fd,
-                                      std::uint32_t block, const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
+                                      std::uint32_t block, bool extents,
+                                      const std::function<void(std::uint64_t, std::uint64_t)>& progress) {
   const auto start = std::chrono::steady_clock::now();
   const unsigned window = client.queue_count() * client.queue_depth(0);
   std::vector<std::byte> buf(static_cast<std::size_t>(window) * block);
-  std::uint64_t off = 0;
-  while (off < size) {
-    unsigned issued = 0, done = 0;
-    int failed = 0;
-    for (std::uint64_t o = off; issued < window && o < size; ++issued, o += block) {
-      const auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(block, size - o));
-      client.read(issued % client.queue_count(), handle, o, len, buf.data() + std::size_t{issued} * block,
-                  [&](int st) {
-                    if (st < 0 && !failed) failed = st;
-                    ++done;
-                  });
-    }
-    client.run_until([&] { return done == issued; });
-    if (failed) throw SystemError("reading the export at offset " + std::to_string(off), -failed);
-    const std::uint64_t n = std::min<std::uint64_t>(std::uint64_t{issued} * block, size - off);
+  const auto put = [&](const std::byte* p, std::uint64_t n) {
     for (std::uint64_t w = 0; w < n;) {
-      const ssize_t k = ::write(fd, buf.data() + w, n - w);
+      const ssize_t k = ::write(fd, p + w, n - w);
       if (k < 0 && errno == EINTR) continue;
       if (k <= 0) throw SystemError("writing to standard output", k < 0 ? errno : EIO);
       w += static_cast<std::uint64_t>(k);
     }
-    off += n;
-    if (progress) progress(off, size);
-  }
+  };
   initiator::CopyResult r;
+  for (const initiator::ExtentRun& run : initiator::map_extents(client, 0, handle, 0, size, extents).runs) {
+    const std::uint64_t end = run.offset + run.length;
+    if (run.hole() || run.zero()) {
+      std::fill(buf.begin(), buf.end(), std::byte{0});
+      for (std::uint64_t off = run.offset; off < end; off += std::min<std::uint64_t>(buf.size(), end - off)) {
+        put(buf.data(), std::min<std::uint64_t>(buf.size(), end - off));
+        if (progress) progress(std::min<std::uint64_t>(off + buf.size(), end), size);
+      }
+      r.skipped_zero_bytes += run.length;
+      continue;
+    }
+    for (std::uint64_t off = run.offset; off < end;) {
+      unsigned issued = 0, done = 0;
+      int failed = 0;
+      for (std::uint64_t o = off; issued < window && o < end; ++issued, o += block) {
+        const auto len = static_cast<std::uint32_t>(std::min<std::uint64_t>(block, end - o));
+        client.read(issued % client.queue_count(), handle, o, len, buf.data() + std::size_t{issued} * block,
+                    [&](int st) {
+                      if (st < 0 && !failed) failed = st;
+                      ++done;
+                    });
+      }
+      client.run_until([&] { return done == issued; });
+      if (failed) throw SystemError("reading the export at offset " + std::to_string(off), -failed);
+      const std::uint64_t n = std::min<std::uint64_t>(std::uint64_t{issued} * block, end - off);
+      put(buf.data(), n);
+      off += n;
+      r.moved_bytes += n;
+      if (progress) progress(off, size);
+    }
+  }
   r.bytes = size;
-  r.moved_bytes = size;
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   return r;
 }
@@ -371,7 +387,7 @@ int run_copy(CopyArgs& a) {
   if (to_stdout) {
     fd = ::dup(STDOUT_FILENO);
     if (fd < 0) throw SystemError("dup(stdout)", errno);
-    result = stream_download(*client, opened.handle(), size, fd, a.block, copts.progress);
+    result = stream_download(*client, opened.handle(), size, fd, a.block, copts.extents, copts.progress);
   } else if (src_is_remote) {
     fd = ::open(a.dst.c_str(), (a.verify ? O_RDWR : O_WRONLY) | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) throw SystemError("opening destination " + a.dst, errno);

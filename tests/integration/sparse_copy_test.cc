@@ -86,6 +86,13 @@ TEST(SparseCopy, DownloadReadsOnlyTheDataAndStaysSparse) {
   // To /dev/null (nothing to keep sparse): the holes are still not read.
   const auto null = copy_json({remote, "/dev/null"});
   EXPECT_EQ(null.value("moved_bytes", ~0ull), kDataBytes) << null;
+
+  // To standard output (a pipe): the holes are zeros in the stream, not read either.
+  const std::string piped = dir.file("piped.img");
+  const auto r = run({"/bin/sh", "-c", std::string(IBDISK_BINARY) + " copy " + remote + " - --no-progress > " + piped});
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("(3.2 MiB of it data)"), std::string::npos) << r.output;
+  EXPECT_EQ(read_file(piped), read_file(img));
 }
 
 TEST(SparseCopy, UploadSendsOnlyTheDataAndLeavesTheExportAsSparse) {

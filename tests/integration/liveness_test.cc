@@ -19,6 +19,7 @@
 #include "tests/support/fixtures.h"
 #include "tests/support/process.h"
 #include "tests/support/raw_peer.h"
+#include "tests/support/serve_fixture.h"
 
 namespace ibdisk {
 namespace {
@@ -38,24 +39,9 @@ constexpr int kRejoinGraceS = 10;
 constexpr auto kSlack = 15s;
 
 // `ibdisk serve` of one exclusive export "d" on 127.0.0.1, TCP only, without a key.
-class LivenessServe : public ::testing::Test {
+class LivenessServe : public testing::ServeFixture {
  protected:
-  void start(const std::vector<std::string>& extra = {}) {
-    testing::make_sparse_file(dir_.file("d.img"), 16 << 20);
-    port_ = testing::free_port();
-    std::vector<std::string> argv = {IBDISK_BINARY, "serve",     "--export", "d=" + dir_.file("d.img"),
-                                     "--listen",    "127.0.0.1:" + std::to_string(port_), "--no-rdma"};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    serve_ = std::make_unique<Child>(argv);
-    ASSERT_TRUE(serve_->wait_for_output("export d", 20000)) << serve_->wait(1000).output;
-  }
-  ClientOptions client() const {
-    ClientOptions c;
-    c.host = "127.0.0.1";
-    c.port = port_;
-    c.transport = "tcp";
-    return c;
-  }
+  LivenessServe() : ServeFixture(16 << 20) {}
   // Tries to open "d" writable from a new session until it works or `within` passes; how long
   // it took, or nullopt. Reads the target's output meanwhile so its pipe never fills.
   std::optional<Clock::duration> open_writable_within(Clock::duration within) {
@@ -68,14 +54,11 @@ class LivenessServe : public ::testing::Test {
       } catch (const std::exception& e) {
         last_refusal_ = e.what();
       }
-      serve_->wait_for_output("\x01never printed\x01", 500);
+      pump_output(500);
     }
     return std::nullopt;
   }
 
-  testing::TempDir dir_;
-  std::uint16_t port_ = 0;
-  std::unique_ptr<Child> serve_;
   std::string last_refusal_;
 };
 
@@ -150,29 +133,11 @@ TEST_F(LivenessServe, StoppedTargetIsLostThenIoCompletesOnANewConnection) {
   o.timeout = 20s;  // the reconnection's handshake waits this long for the stopped target
   auto c = Client::connect(o);
   const std::uint32_t h = c->open("d", false).handle();
-  std::vector<std::byte> a(65536), b(65536), back(65536);
-  fill_pattern(a, 1);
-  fill_pattern(b, 2);
-  ASSERT_EQ(testing::sync(*c, [&](auto d) { c->write(0, h, 0, 65536, a.data(), 0, d); }), 0);
-  ASSERT_EQ(::kill(serve_->pid(), SIGSTOP), 0);
   // Resumed well after the I/O timeout: a resend proves the loss was declared before that.
-  std::thread resume([pid = serve_->pid()] {
-    std::this_thread::sleep_for(8s);
-    ::kill(pid, SIGCONT);
-  });
-  const auto t0 = Clock::now();
-  int status = 1;
-  try {
-    status = testing::sync(*c, [&](auto d) { c->write(0, h, 0, 65536, b.data(), 0, d); });
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "the session was given up: " << e.what();
-  }
-  resume.join();
-  EXPECT_EQ(status, 0);
+  const auto w = testing::write_while_target_stopped(*c, h, serve_->pid(), 8s);
+  EXPECT_EQ(w.error, "");
   EXPECT_GE(c->resent(), 1u) << "the stopped target was not declared lost within 8 s (I/O timeout 2 s)";
-  EXPECT_LT(Clock::now() - t0, 8s + kSlack);
-  ASSERT_EQ(testing::sync(*c, [&](auto d) { c->read(0, h, 0, 65536, back.data(), d); }), 0);
-  EXPECT_EQ(back, b);
+  EXPECT_LT(w.took, 8s + kSlack);
 }
 
 // A Client that does nothing for several heartbeat intervals (and several of the target's

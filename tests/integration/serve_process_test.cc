@@ -24,6 +24,7 @@
 #include "tests/support/fixtures.h"
 #include "tests/support/process.h"
 #include "tests/support/raw_peer.h"
+#include "tests/support/serve_fixture.h"
 
 namespace ibdisk {
 namespace {
@@ -84,30 +85,9 @@ std::size_t count_lines_with(const std::string& text, const std::string& needle)
 }
 
 // `ibdisk serve` of one exclusive export "d" (64 MiB) on 127.0.0.1, TCP only, without a key.
-class ServeProcess : public ::testing::Test {
+class ServeProcess : public testing::ServeFixture {
  protected:
-  void start(const std::vector<std::string>& extra = {}, const std::vector<std::string>& prefix = {}) {
-    if (!std::filesystem::exists(dir_.file("d.img"))) testing::make_sparse_file(dir_.file("d.img"), 64 << 20);
-    port_ = testing::free_port();
-    std::vector<std::string> argv = prefix;
-    for (const std::string& a : {std::string(IBDISK_BINARY), std::string("serve"), std::string("--export"),
-                                 "d=" + dir_.file("d.img"), std::string("--listen"),
-                                 "127.0.0.1:" + std::to_string(port_), std::string("--no-rdma")}) {
-      argv.push_back(a);
-    }
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    serve_ = std::make_unique<Child>(argv);
-    ASSERT_TRUE(serve_->wait_for_output("export d", 20000)) << serve_->wait(1000).output;
-  }
-  ClientOptions client() const {
-    ClientOptions c;
-    c.host = "127.0.0.1";
-    c.port = port_;
-    c.transport = "tcp";
-    return c;
-  }
-  // Reads what the serve process wrote, for up to ms (so its log pipe never fills).
-  void pump_output(int ms) { serve_->wait_for_output("\x01never printed\x01", ms); }
+  ServeProcess() : ServeFixture(64 << 20) {}
   // Writes and reads back `n` MiB through a new session; "" or what went wrong.
   std::string io_round(unsigned n, std::uint64_t seed) {
     try {
@@ -130,10 +110,6 @@ class ServeProcess : public ::testing::Test {
       return e.what();
     }
   }
-
-  testing::TempDir dir_;
-  std::uint16_t port_ = 0;
-  std::unique_ptr<Child> serve_;
 };
 
 // Finding 6: before authentication a connection costs little memory: 300 connections that each

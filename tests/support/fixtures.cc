@@ -1,6 +1,7 @@
 #include "tests/support/fixtures.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <fstream>
@@ -10,6 +11,8 @@
 #include <set>
 #include <stdexcept>
 
+#include "common/checksum.h"
+#include "common/error.h"
 #include "transport/tcp/asio.h"
 
 namespace ibdisk::testing {
@@ -91,6 +94,43 @@ ServerThread::ServerThread(target::ServerOptions opts, const std::function<void(
 ServerThread::~ServerThread() {
   server_->stop();
   thread_.join();
+}
+
+StoppedTargetWrite write_while_target_stopped(initiator::Client& c, std::uint32_t handle, pid_t pid,
+                                              std::chrono::seconds stopped_for) {
+  std::vector<std::byte> a(65536), b(65536), back(65536);
+  fill_pattern(a, 1);
+  fill_pattern(b, 2);
+  StoppedTargetWrite r;
+  if (const int st = sync(c, [&](auto d) { c.write(0, handle, 0, 65536, a.data(), 0, d); }); st != 0) {
+    r.error = "the first write failed: " + errno_text(-st);
+    return r;
+  }
+  if (::kill(pid, SIGSTOP) != 0) {
+    r.error = "SIGSTOP: " + errno_text(errno);
+    return r;
+  }
+  std::thread resume([pid, stopped_for] {
+    std::this_thread::sleep_for(stopped_for);
+    ::kill(pid, SIGCONT);
+  });
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    if (const int st = sync(c, [&](auto d) { c.write(0, handle, 0, 65536, b.data(), 0, d); }); st != 0) {
+      r.error = "the write while the target was stopped failed: " + errno_text(-st);
+    }
+  } catch (const std::exception& e) {
+    r.error = std::string("the session was given up: ") + e.what();
+  }
+  r.took = std::chrono::steady_clock::now() - t0;
+  resume.join();
+  if (!r.error.empty()) return r;
+  if (const int st = sync(c, [&](auto d) { c.read(0, handle, 0, 65536, back.data(), d); }); st != 0) {
+    r.error = "reading back failed: " + errno_text(-st);
+  } else if (back != b) {
+    r.error = "read back other data than the write while the target was stopped";
+  }
+  return r;
 }
 
 }  // namespace ibdisk::testing

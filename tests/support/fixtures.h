@@ -1,6 +1,9 @@
 #pragma once
 // Shared helpers for tests that run a target: temporary directories, sparse files, free
 // ports, and an in-process server on its own thread.
+#include <sys/types.h>
+
+#include <chrono>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -52,6 +55,17 @@ int sync(initiator::Client& c, Fn&& fn) {
   c.run_until([&] { return done; });
   return status;
 }
+
+// The liveness tests' core: writes pattern 1 at offset 0 of `handle`, stops the target process
+// `pid` (SIGSTOP; SIGCONT after `stopped_for`), writes pattern 2 over it meanwhile, and reads it
+// back after. The Client must declare the silent connection lost and resend for the second
+// write to succeed. `error` is "" or what went wrong.
+struct StoppedTargetWrite {
+  std::string error;
+  std::chrono::steady_clock::duration took{};  // of the second write
+};
+StoppedTargetWrite write_while_target_stopped(initiator::Client& c, std::uint32_t handle, pid_t pid,
+                                              std::chrono::seconds stopped_for);
 
 // An ibdisk target running in this process until destroyed.
 class ServerThread {

@@ -80,7 +80,7 @@ TEST(SparseCopy, DownloadReadsOnlyTheDataAndStaysSparse) {
   EXPECT_EQ(j["bytes"].get<std::uint64_t>(), kSize) << j;
   EXPECT_EQ(j.value("moved_bytes", ~0ull), kDataBytes) << "only the data crosses the wire: " << j;
   EXPECT_TRUE(j["verify"]["match"].get<bool>()) << j;
-  EXPECT_EQ(read_file(dest), read_file(img));
+  EXPECT_TRUE(read_file(dest) == read_file(img)) << "the download differs from the image";
   expect_as_sparse(dest, img);
 
   // To /dev/null (nothing to keep sparse): the holes are still not read.
@@ -92,7 +92,7 @@ TEST(SparseCopy, DownloadReadsOnlyTheDataAndStaysSparse) {
   const auto r = run({"/bin/sh", "-c", std::string(IBDISK_BINARY) + " copy " + remote + " - --no-progress > " + piped});
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("(3.2 MiB of it data)"), std::string::npos) << r.output;
-  EXPECT_EQ(read_file(piped), read_file(img));
+  EXPECT_TRUE(read_file(piped) == read_file(img)) << "the stream differs from the image";
 }
 
 TEST(SparseCopy, UploadSendsOnlyTheDataAndLeavesTheExportAsSparse) {
@@ -108,7 +108,7 @@ TEST(SparseCopy, UploadSendsOnlyTheDataAndLeavesTheExportAsSparse) {
     EXPECT_EQ(j.value("moved_bytes", ~0ull), kDataBytes) << j;
     EXPECT_TRUE(j["verify"]["match"].get<bool>()) << j;
   }
-  EXPECT_EQ(read_file(empty), read_file(src));
+  EXPECT_TRUE(read_file(empty) == read_file(src)) << "the export differs from the source";
   expect_as_sparse(empty, src);
 
   // An export full of data: the source's holes become holes there too (write-zeroes with
@@ -121,7 +121,7 @@ TEST(SparseCopy, UploadSendsOnlyTheDataAndLeavesTheExportAsSparse) {
     const auto j = copy_json({src, "127.0.0.1:" + std::to_string(srv.port()) + "/disk"});
     EXPECT_EQ(j.value("moved_bytes", ~0ull), kDataBytes) << j;
   }
-  EXPECT_EQ(read_file(full), read_file(src));
+  EXPECT_TRUE(read_file(full) == read_file(src)) << "the export differs from the source";
   expect_as_sparse(full, src);
 }
 

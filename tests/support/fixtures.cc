@@ -5,7 +5,6 @@
 #include <unistd.h>
 
 #include <fstream>
-#include <iterator>
 #include <mutex>
 #include <random>
 #include <set>
@@ -50,8 +49,13 @@ std::vector<initiator::ExtentRun> seek_map(const std::string& path) {
 }
 
 std::string read_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return {std::istreambuf_iterator<char>(f), std::istreambuf_iterator<char>()};
+  // One read of the whole file: a character at a time is minutes for 64 MiB under TSan.
+  std::ifstream f(path, std::ios::binary | std::ios::ate);
+  if (!f) return "";
+  std::string out(static_cast<std::size_t>(f.tellg()), '\0');
+  f.seekg(0);
+  f.read(out.data(), static_cast<std::streamsize>(out.size()));
+  return out;
 }
 
 void make_sparse_file(const std::string& path, std::uint64_t size) {

@@ -88,8 +88,9 @@ struct Impl : std::enable_shared_from_this<Impl> {
       try {
         ev = channel.next(0ms);
       } catch (const std::exception& e) {
-        log()->error("RDMA listener: {}", e.what());
-        return;
+        // Never a listener that silently stops: a new id on a new channel, as after a removal.
+        log()->error("RDMA listener on {}:{}: {}; listening again in a second", address, port, e.what());
+        return relisten_later();
       }
       if (!ev) break;
       switch (ev->type()) {

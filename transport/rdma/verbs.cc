@@ -4,6 +4,7 @@
 #include <poll.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
@@ -96,10 +97,18 @@ EventChannel::~EventChannel() {
 }
 
 std::optional<CmEvent> EventChannel::next(std::chrono::milliseconds timeout) {
-  if (!wait_readable(ch_->fd, timeout, "rdma event channel")) return std::nullopt;
-  rdma_cm_event* ev = nullptr;
-  if (rdma_get_cm_event(ch_, &ev) != 0) throw SystemError("rdma_get_cm_event", errno);
-  return CmEvent(ev);
+  // librdmacm consumes some events itself (a connect request whose new id it could not set up,
+  // say, when the device is going away) and then reads on: on a non-blocking channel that read
+  // says EAGAIN. That is "no event yet", not a broken channel: wait again for what is left.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const auto left = std::max(std::chrono::milliseconds(0), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                                 deadline - std::chrono::steady_clock::now()));
+    if (!wait_readable(ch_->fd, left, "rdma event channel")) return std::nullopt;
+    rdma_cm_event* ev = nullptr;
+    if (rdma_get_cm_event(ch_, &ev) == 0) return CmEvent(ev);
+    if (errno != EAGAIN) throw SystemError("rdma_get_cm_event", errno);
+  }
 }
 
 CmEvent EventChannel::expect(rdma_cm_event_type expected, std::chrono::milliseconds timeout,

@@ -117,6 +117,7 @@ void Request::on_new() {
     reply_due_ = false;
     return go(State::kCompleting);
   }
+  if (target_.verdict == RequestPort::Verdict::kDone) return go(State::kDataOut);
   if (target_.verdict == RequestPort::Verdict::kOk) {
     const BackingFile& f = *target_.file;
     if (cmd.opcode != wire::Opcode::kFlush && !wire::in_range(cmd.offset, cmd.length, f.size)) {

@@ -26,8 +26,9 @@ class RequestPort {
  public:
   // NEW: the export a command addresses, after the front end's own checks (handle, queue
   // limits). kError: answer with req.status; kFatal: the front end has closed the connection
-  // (a protocol violation), nothing is answered.
-  enum class Verdict { kOk, kError, kFatal };
+  // (a protocol violation), nothing is answered; kDone: the front end did all there was to do
+  // (a hint, NBD_CMD_CACHE), answer with success and no storage.
+  enum class Verdict { kOk, kError, kFatal, kDone };
   struct Resolved {
     Verdict verdict = Verdict::kOk;
     BackingFile* file = nullptr;

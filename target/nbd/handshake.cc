@@ -5,7 +5,8 @@
 namespace ibdisk::nbd {
 
 std::uint16_t transmission_flags(const ExportFacts& facts, bool structured) {
-  std::uint16_t f = kFlagHasFlags | kFlagSendFlush | kFlagSendFua;
+  // CACHE is a hint: a prefetch into the page cache where reads use it, else answered as done.
+  std::uint16_t f = kFlagHasFlags | kFlagSendFlush | kFlagSendFua | kFlagSendCache;
   if (facts.read_only) {
     f |= kFlagReadOnly;
   } else {

@@ -140,6 +140,9 @@ Verdict check_request(const Request& r, const ExportLimits& x) {
       if (!(tf & kFlagSendTrim)) return {kEinval, "NBD_CMD_TRIM was not offered for this export"};
       writes = true;
       break;
+    case kCmdCache:
+      if (!(tf & kFlagSendCache)) return {kEinval, "NBD_CMD_CACHE was not offered for this export"};
+      break;
     case kCmdBlockStatus:
       if (!x.block_status) return {kEinval, "NBD_CMD_BLOCK_STATUS without a metadata context selected (NBD_OPT_SET_META_CONTEXT)"};
       allowed |= kCmdFlagReqOne;

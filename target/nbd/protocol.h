@@ -76,6 +76,7 @@ inline constexpr std::uint16_t kFlagSendTrim = 1u << 5;
 inline constexpr std::uint16_t kFlagSendWriteZeroes = 1u << 6;
 inline constexpr std::uint16_t kFlagSendDf = 1u << 7;
 inline constexpr std::uint16_t kFlagCanMultiConn = 1u << 8;
+inline constexpr std::uint16_t kFlagSendCache = 1u << 10;
 
 // --- commands, command flags, structured reply types ----------------------------------------
 enum Command : std::uint16_t {

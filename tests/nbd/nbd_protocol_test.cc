@@ -245,7 +245,12 @@ TEST(NbdCheck, MalformedRequestsAreEinval) {
   EXPECT_EQ(check_request(req(kCmdRead, 0, kMaxPayload + 1), x).error, kEinval);     // oversized
   EXPECT_EQ(check_request(req(kCmdWrite, 0, kMaxPayload + 1), x).error, kEinval);
   EXPECT_EQ(check_request(req(kCmdFlush, 4096, 0), x).error, kEinval);               // flush with a range
-  EXPECT_EQ(check_request(req(kCmdCache, 0, 512), x).error, kEinval);                // not offered
+  EXPECT_EQ(check_request(req(kCmdCache, 0, 512), x).error, 0u);                     // a hint, offered
+  EXPECT_EQ(check_request(req(kCmdCache, 0, 0), x).error, kEinval);
+  EXPECT_EQ(check_request(req(kCmdCache, x.size, 512), x).error, kEinval);          // beyond the end
+  ExportLimits no_cache = x;
+  no_cache.transmission_flags &= static_cast<std::uint16_t>(~kFlagSendCache);
+  EXPECT_EQ(check_request(req(kCmdCache, 0, 512), no_cache).error, kEinval);         // not offered
   EXPECT_EQ(check_request(req(kCmdBlockStatus, 0, 512), x).error, kEinval);
   EXPECT_EQ(check_request(req(99, 0, 512), x).error, kEinval);                       // unknown
   EXPECT_EQ(check_request(req(kCmdRead, 0, 512, kCmdFlagDf), x).error, kEinval);     // DF needs structured
@@ -301,6 +306,7 @@ TEST(NbdFlags, FollowTheExportKind) {
   EXPECT_TRUE(f & kFlagSendFua);
   EXPECT_TRUE(f & kFlagSendTrim);
   EXPECT_TRUE(f & kFlagSendWriteZeroes);
+  EXPECT_TRUE(f & kFlagSendCache);
   EXPECT_FALSE(f & kFlagReadOnly);
   EXPECT_FALSE(f & kFlagSendDf);
   EXPECT_FALSE(f & kFlagCanMultiConn);  // exclusive: one connection

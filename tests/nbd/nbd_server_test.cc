@@ -5,9 +5,11 @@
 #include <gtest/gtest.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
@@ -366,6 +368,57 @@ TEST_F(NbdServerTest, BadRequestsGetErrorsAndServingContinues) {
   EXPECT_EQ(c.recv(4096), junk);
 }
 
+// Pages of [offset, offset + length) of the file at p that are in the page cache.
+std::size_t resident_pages(const fs::path& p, std::uint64_t offset, std::uint64_t length) {
+  const int fd = ::open(p.c_str(), O_RDONLY);
+  if (fd < 0) return 0;
+  void* m = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  ::close(fd);
+  if (m == MAP_FAILED) return 0;
+  const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<unsigned char> v((length + page - 1) / page);
+  const int rc = ::mincore(m, length, v.data());
+  ::munmap(m, length);
+  if (rc != 0) return 0;
+  return static_cast<std::size_t>(std::count_if(v.begin(), v.end(), [](unsigned char c) { return c & 1; }));
+}
+
+// NBD_CMD_CACHE (issue 21): offered, checked like a read (range, length), answered at once,
+// and on an export read through the page cache the range is read into it (readahead) with
+// no read sent.
+TEST_F(NbdServerTest, CacheCommandPrefetchesTheRange) {
+  RawClient c(port());
+  ASSERT_EQ(c.go("iso").type, kRepAck);
+  ASSERT_TRUE(c.flags_ & kFlagSendCache);
+  c.request(kCmdCache, 1, kIsoSize - 4096, 8192);
+  EXPECT_EQ(c.simple(), std::make_pair(std::uint32_t{kEinval}, std::uint64_t{1}));
+  c.request(kCmdCache, 2, 0, 0);
+  EXPECT_EQ(c.simple().first, std::uint32_t{kEinval});
+
+  const fs::path img = dir_ / "iso.img";
+  const std::uint64_t half = kIsoSize / 2;
+  {
+    const int fd = ::open(img.c_str(), O_RDONLY);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::fdatasync(fd), 0);
+    ASSERT_EQ(::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+    ::close(fd);
+  }
+  const std::size_t pages = half / static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+  if (resident_pages(img, half, half) == pages) GTEST_SKIP() << "the file system keeps " << img << " in memory";
+  c.request(kCmdCache, 3, half, static_cast<std::uint32_t>(half));
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{3}));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (resident_pages(img, half, half) < pages && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(resident_pages(img, half, half), pages);
+  // The hint does not change what a read returns.
+  c.request(kCmdRead, 4, half, 4096);
+  EXPECT_EQ(c.simple(), std::make_pair(0u, std::uint64_t{4}));
+  EXPECT_EQ(c.recv(4096), std::vector<std::byte>(iso_.begin() + half, iso_.begin() + half + 4096));
+}
+
 // A read-only export is advertised as such, reads work, writes get EPERM.
 TEST_F(NbdServerTest, ReadOnlyExportRefusesWrites) {
   RawClient c(port());
@@ -620,6 +673,7 @@ TEST_F(NbdServerTest, NbdinfoListsAndDescribesExports) {
   r = testing::run({tool("nbdinfo"), uri("iso")});
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("is_read_only: true"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("can_cache: true"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("export-size: " + std::to_string(kIsoSize)), std::string::npos) << r.output;
   r = testing::run({tool("nbdinfo"), uri("nonexistent")});
   EXPECT_NE(r.exit_code, 0);

@@ -502,6 +502,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
       case kCmdFlush: return wire::Opcode::kFlush;
       case kCmdTrim: return wire::Opcode::kTrim;
       case kCmdBlockStatus: return wire::Opcode::kExtents;
+      case kCmdCache: return wire::Opcode::kRead;  // answered in resolve() (kDone); harmless if not
       default: return wire::Opcode::kWriteZeroes;
     }
   }

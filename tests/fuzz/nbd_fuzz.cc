@@ -101,7 +101,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const Verdict v = check_request(r, limits);
     if (v.error == 0 && r.type != kCmdDisc && r.type != kCmdFlush) {
       require(r.length > 0 && r.length <= t.facts.size && r.offset <= t.facts.size - r.length);
-      require(!(t.flags & kFlagReadOnly) || r.type == kCmdRead);
+      // A read-only export refuses every command that changes it; reads, CACHE and
+      // BLOCK_STATUS are fine.
+      const bool changes = r.type == kCmdWrite || r.type == kCmdTrim || r.type == kCmdWriteZeroes;
+      require(!(t.flags & kFlagReadOnly) || !changes);
     }
     if (v.error != 0) require(v.message != nullptr);
     if (r.type == kCmdDisc && v.error == 0) return 0;

@@ -24,6 +24,7 @@
 #include "initiator/client.h"
 #include "initiator/copy.h"
 #include "initiator/extents.h"
+#include "target/nbd/tls.h"
 
 namespace ibdisk::cli {
 namespace {
@@ -511,13 +512,31 @@ void add_client_commands(CLI::App& app, const std::function<void(CLI::App*, Runn
     on_run(sub, [a] { return run_copy(*a); });
   }
   {
-    auto path = std::make_shared<std::string>();
+    struct KeygenArgs {
+      std::string path;
+      bool psktool = false;
+      std::string identity = "ibdisk";
+    };
+    auto a = std::make_shared<KeygenArgs>();
     auto* sub = app.add_subcommand("keygen", "Write a new random pre-shared key to FILE (mode 0600); copy it to both sides.");
-    sub->add_option("file", *path, "where to write the key")->required();
-    on_run(sub, [path] {
-      write_new_key_file(*path);
+    sub->add_option("file", a->path, "where to write the key")->required();
+    sub->add_flag("--psktool", a->psktool,
+                  "write it as GnuTLS's psktool does (IDENTITY:HEXKEY): for `serve --nbd-tls psk:FILE` and the NBD\n"
+                  "tools' tls-psk-file; --key-file takes the same file");
+    sub->add_option("--identity", a->identity, "the key's identity (with --psktool; the NBD tools' tls-username)")
+        ->capture_default_str();
+    on_run(sub, [a, sub] {
+      if (sub->count("--identity") > 0 && !a->psktool) throw UsageError("--identity is for --psktool key files");
+      if (a->psktool) {
+        nbd::write_new_psk_file(a->path, a->identity);
+        std::printf("wrote a new key for identity '%s' to %s (mode 0600, psktool's format); give `serve --nbd-tls psk:%s`,\n"
+                    "and to NBD clients nbds://HOST/EXPORT?tls-psk-file=%s&tls-username=%s (or --key-file %s for ibdisk's own port)\n",
+                    a->identity.c_str(), a->path.c_str(), a->path.c_str(), a->path.c_str(), a->identity.c_str(), a->path.c_str());
+        return 0;
+      }
+      write_new_key_file(a->path);
       std::printf("wrote a new key to %s (mode 0600); copy it to the initiators and give --key-file %s on both sides\n",
-                  path->c_str(), path->c_str());
+                  a->path.c_str(), a->path.c_str());
       return 0;
     });
   }

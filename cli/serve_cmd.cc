@@ -14,6 +14,7 @@
 #include "common/log.h"
 #include "initiator/client.h"
 #include "target/nbd/nbd_server.h"
+#include "target/nbd/tls.h"
 #include "target/server.h"
 #include "transport/rdma/rdma_connection.h"
 #include "proto/wire.h"
@@ -27,22 +28,26 @@ struct ServeArgs {
   target::ServerOptions opts;
   bool nbd = false;
   std::uint16_t nbd_port = nbd::kDefaultPort;
+  std::string nbd_tls;
   double handshake_timeout_s = 30;
   double stop_timeout_s = 10;
   double session_timeout_s = 20;
 };
 
-// The NBD front end has no authentication of its own: beyond loopback it needs an allow-list
-// (or --insecure), even when ibdisk's own port is protected by a key.
+// Plain NBD has no authentication of its own: beyond loopback it needs TLS (--nbd-tls, the
+// key admits a client), or an allow-list (or --insecure), even when ibdisk's own port is
+// protected by a key.
 std::unique_ptr<nbd::NbdServer> start_nbd(ServeArgs& a, target::Server& server) {
   const std::string listen = server.listen_description();
   const std::string host = listen.front() == '[' ? listen.substr(1, listen.find(']') - 1) : listen.substr(0, listen.rfind(':'));
   const auto addr = boost::asio::ip::make_address(host);
-  if (!addr.is_loopback() && a.opts.allow.empty() && !a.opts.insecure) {
-    throw SystemError("NBD front end on " + host, std::string("NBD clients do not authenticate"),
-                      "give --allow CIDR for the hosts that may use NBD, or --insecure on a network you trust");
-  }
   nbd::NbdServerOptions no;
+  if (!a.nbd_tls.empty()) no.tls = nbd::NbdTls::from_spec(a.nbd_tls);
+  if (!addr.is_loopback() && a.opts.allow.empty() && !a.opts.insecure && !no.tls) {
+    throw SystemError("NBD front end on " + host, std::string("NBD clients do not authenticate without TLS"),
+                      "give --nbd-tls psk:FILE (docs/nbd.md, TLS), or --allow CIDR for the hosts that may use plain NBD, "
+                      "or --insecure on a network you trust");
+  }
   no.any_local_user = a.opts.insecure;
   return std::make_unique<nbd::NbdServer>(server.worker_io(0), server.exports(), server.worker_engine(0),
                                           server.allow_list(), boost::asio::ip::tcp::endpoint(addr, a.nbd_port), no);
@@ -78,7 +83,8 @@ int run_serve(ServeArgs& a, const CLI::App& sub) {
   a.opts.stop_timeout = ms(a.stop_timeout_s);
   a.opts.session_timeout = ms(a.session_timeout_s);
   for (const auto& spec : a.exports) a.opts.exports.push_back(parse_export(spec));
-  if (sub.count("--nbd-port") > 0) a.nbd = true;  // a port for the NBD front end asks for it
+  // A port or TLS for the NBD front end asks for it.
+  if (sub.count("--nbd-port") > 0 || !a.nbd_tls.empty()) a.nbd = true;
   if (!a.listen.empty()) {
     std::uint16_t port = a.opts.port;
     initiator::parse_host_port(a.listen, &a.opts.listen_address, &port);
@@ -105,7 +111,10 @@ int run_serve(ServeArgs& a, const CLI::App& sub) {
     std::printf("ibdisk serve: listening on %s (tcp; no RDMA: %s)\n", server.listen_description().c_str(),
                 server.rdma_status().c_str());
   }
-  if (nbd_server) std::printf("ibdisk serve: NBD front end on port %u\n", nbd_server->port());
+  if (nbd_server) {
+    std::printf("ibdisk serve: NBD front end on port %u (%s)\n", nbd_server->port(),
+                a.nbd_tls.empty() ? "plain NBD, no TLS" : "TLS required");
+  }
   if (!a.opts.server_name.empty()) std::printf("ibdisk serve: name %s\n", a.opts.server_name.c_str());
   for (const auto& e : server.exports().list()) {
     std::printf("  export %-16s %10s  %s%s\n", e.name.c_str(), human_bytes(e.size).c_str(), e.read_only ? "read-only" : "read-write",
@@ -173,6 +182,10 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
       ->check(CLI::Range(0.0, 3600.0));
   sub->add_flag("--nbd", a->nbd, "also serve the exports over plain NBD (nbd-client, qemu, nbdcopy; see docs/nbd.md)");
   sub->add_option("--nbd-port", a->nbd_port, "port of the NBD front end (implies --nbd)")->capture_default_str();
+  sub->add_option("--nbd-tls", a->nbd_tls,
+                  "psk:FILE: the NBD front end requires TLS 1.3 with a key of FILE (GnuTLS psktool's format, made by\n"
+                  "`ibdisk keygen --psktool`; clients: nbds://HOST/NAME?tls-psk-file=FILE); implies --nbd")
+      ->type_name("psk:FILE");
   on_run(sub, [a, sub] { return run_serve(*a, *sub); });
 }
 

@@ -18,7 +18,9 @@
 
 namespace ibdisk {
 
-std::string load_key_file(const std::string& path, KeyUser user) {
+std::string read_key_file(const std::string& path, KeyUser user) {
+  const std::string make =
+      user == KeyUser::kPskFile ? "`ibdisk keygen --psktool " + path + "`" : "`ibdisk keygen " + path + "`";
   struct stat st{};
   if (::stat(path.c_str(), &st) != 0) {
     const int err = errno;
@@ -27,11 +29,11 @@ std::string load_key_file(const std::string& path, KeyUser user) {
                         "copy the target's key file here (the one its `ibdisk serve --key-file` reads); a new key "
                         "would not match it");
     }
-    if (err == ENOENT) throw SystemError("reading key file " + path, err, "create one with `ibdisk keygen " + path + "`");
+    if (err == ENOENT) throw SystemError("reading key file " + path, err, "create one with " + make);
     throw SystemError("reading key file " + path, err, "check the path and the permissions of its directories");
   }
   if (!S_ISREG(st.st_mode)) {
-    throw SystemError("key file " + path, std::string("not a regular file"), "give the file `ibdisk keygen` wrote");
+    throw SystemError("key file " + path, std::string("not a regular file"), "give the file " + make + " wrote");
   }
   if (st.st_mode & 077) {
     char mode[8];
@@ -57,9 +59,20 @@ std::string load_key_file(const std::string& path, KeyUser user) {
     key.append(buf, static_cast<std::size_t>(n));
   }
   ::close(fd);
+  return key;
+}
+
+std::string load_key_file(const std::string& path, KeyUser user) {
+  std::string key = read_key_file(path, user);
   const auto first = key.find_first_not_of(" \t\r\n");
   const auto last = key.find_last_not_of(" \t\r\n");
   key = first == std::string::npos ? std::string() : key.substr(first, last - first + 1);
+  // psktool's format: one line of IDENTITY:HEXKEY.
+  const auto colon = key.find(':');
+  if (colon != std::string::npos && colon > 0 && key.find_first_of(" \t\r\n") == std::string::npos &&
+      key.find_first_not_of("0123456789abcdefABCDEF", colon + 1) == std::string::npos) {
+    key.erase(0, colon + 1);
+  }
   if (key.size() < 16) {
     throw SystemError("key file " + path, "the key has " + std::to_string(key.size()) + " bytes, at least 16 are needed",
                       user == KeyUser::kInitiator ? "copy the target's key file here again"
@@ -68,7 +81,7 @@ std::string load_key_file(const std::string& path, KeyUser user) {
   return key;
 }
 
-void write_new_key_file(const std::string& path) {
+void write_new_key_file(const std::string& path, const std::string& prefix) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) {
     throw SystemError("creating key file " + path, errno,
@@ -76,7 +89,7 @@ void write_new_key_file(const std::string& path) {
   }
   static constexpr char kHex[] = "0123456789abcdef";
   const std::string raw = random_bytes(32);
-  std::string text;
+  std::string text = prefix;
   for (const unsigned char c : raw) {
     text.push_back(kHex[c >> 4]);
     text.push_back(kHex[c & 0xf]);

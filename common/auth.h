@@ -9,15 +9,21 @@ namespace ibdisk {
 
 // Who reads a key file: the hint for a missing one differs. A target may make a new key; an
 // initiator needs a copy of the target's, since a new one could never match.
-enum class KeyUser { kTarget, kInitiator };
+// A psktool key file (`--nbd-tls psk:FILE`) is made with `ibdisk keygen --psktool`.
+enum class KeyUser { kTarget, kInitiator, kPskFile };
 
 // Reads a key file. Refuses (SystemError naming the file, the reason and what to do) a
 // missing or unreadable file, one that group or others can read, or one shorter than 16
-// bytes. Surrounding whitespace is not part of the key.
+// bytes. Surrounding whitespace is not part of the key. A file of one `IDENTITY:HEXKEY` line
+// (GnuTLS psktool's format, `ibdisk keygen --psktool`) holds the key HEXKEY: one file serves
+// `--key-file` and the NBD tools' tls-psk-file.
 std::string load_key_file(const std::string& path, KeyUser user = KeyUser::kTarget);
+// The file's text, with the checks of load_key_file, for formats of several lines.
+std::string read_key_file(const std::string& path, KeyUser user);
 
-// Writes a new random key (32 bytes, hex) to path with mode 0600; refuses to overwrite.
-void write_new_key_file(const std::string& path);
+// Writes a new random key (32 bytes, hex) after `prefix` to path with mode 0600; refuses to
+// overwrite.
+void write_new_key_file(const std::string& path, const std::string& prefix = {});
 
 Sha256 hmac_sha256(std::string_view key, std::string_view data);
 bool constant_time_equal(std::string_view a, std::string_view b);

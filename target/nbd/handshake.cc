@@ -63,6 +63,15 @@ Handshake::Next Handshake::on_option(std::uint32_t option, std::span<const std::
     reason_ = "more than " + std::to_string(kMaxOptions) + " options without entering transmission";
     return Next::kClose;
   }
+  if (tls_mode_ == TlsMode::kRequired && !tls_ && option != kOptStartTls && option != kOptAbort) {
+    if (option == kOptExportName) {
+      // This option cannot carry an error: the protocol says to close.
+      reason_ = "NBD_OPT_EXPORT_NAME before TLS: this server requires TLS (the client must send NBD_OPT_STARTTLS)";
+      return Next::kClose;
+    }
+    return refuse(out, option, kRepErrTlsReqd,
+                  "this server requires TLS: connect with TLS (nbds://, a tls-psk-file, or --tls-creds)");
+  }
   switch (option) {
     case kOptExportName:
       return export_name(data, out);
@@ -76,8 +85,7 @@ Handshake::Next Handshake::on_option(std::uint32_t option, std::span<const std::
       append_option_reply(out, option, kRepAck);
       return Next::kOption;
     case kOptStartTls:
-      return refuse(out, option, kRepErrPolicy,
-                    "this server does not offer TLS; it serves plain NBD to the networks it allows");
+      return start_tls(data, out);
     case kOptInfo:
     case kOptGo:
       return info_or_go(option, data, out);
@@ -92,6 +100,24 @@ Handshake::Next Handshake::on_option(std::uint32_t option, std::span<const std::
     default:
       return refuse(out, option, kRepErrUnsup, "option " + std::to_string(option) + " is not supported by this server");
   }
+}
+
+Handshake::Next Handshake::start_tls(std::span<const std::byte> data, std::vector<std::byte>& out) {
+  if (tls_mode_ == TlsMode::kOff) {
+    return refuse(out, kOptStartTls, kRepErrPolicy,
+                  "this server does not offer TLS; it serves plain NBD to the networks it allows");
+  }
+  if (tls_) return refuse(out, kOptStartTls, kRepErrInvalid, "TLS is already established on this connection");
+  if (!data.empty()) return refuse(out, kOptStartTls, kRepErrInvalid, "NBD_OPT_STARTTLS takes no data");
+  append_option_reply(out, kOptStartTls, kRepAck);
+  return Next::kStartTls;
+}
+
+void Handshake::tls_established() {
+  tls_ = true;
+  structured_ = false;
+  meta_selected_ = false;
+  meta_export_.clear();
 }
 
 Handshake::Next Handshake::info_or_go(std::uint32_t option, std::span<const std::byte> data,

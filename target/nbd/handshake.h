@@ -53,23 +53,35 @@ struct Transmission {
 // The transmission flags this server sends for an export.
 std::uint16_t transmission_flags(const ExportFacts& facts, bool structured);
 
+// Whether the server offers TLS (NBD_OPT_STARTTLS). When it does, it requires it: before TLS
+// every option but STARTTLS and ABORT is refused with NBD_REP_ERR_TLS_REQD (the protocol's
+// FORCEDTLS), so a client cannot be talked into plaintext.
+enum class TlsMode { kOff, kRequired };
+
 class Handshake {
  public:
   // Options a client may send before the connection is judged abusive and closed.
   static constexpr unsigned kMaxOptions = 1024;
 
-  explicit Handshake(ExportCatalog& catalog) : catalog_(catalog) {}
+  explicit Handshake(ExportCatalog& catalog, TlsMode tls = TlsMode::kOff) : catalog_(catalog), tls_mode_(tls) {}
 
   enum class Next {
     kOption,        // read the next option
     kTransmission,  // after sending `out`: the transmission phase (see transmission())
     kClose,         // after sending `out`: close the connection (reason() says why)
+    kStartTls,      // after sending `out`: the TLS handshake, then tls_established() and kOption
   };
 
   // The client's 4 flag bytes. kClose on unknown flags (the protocol requires it).
   Next on_client_flags(std::span<const std::byte> bytes);
   // One option with its data (the caller parsed and length-checked the header).
   Next on_option(std::uint32_t option, std::span<const std::byte> data, std::vector<std::byte>& out);
+
+  // The TLS handshake that followed kStartTls succeeded: options go on inside TLS, and what
+  // was negotiated before it (structured replies, meta contexts) is forgotten, as the
+  // protocol requires.
+  void tls_established();
+  bool tls() const { return tls_; }
 
   const Transmission& transmission() const { return transmission_; }
   // Why the handshake ended in kClose, or what the last refusal was: for the log.
@@ -88,7 +100,11 @@ class Handshake {
   std::string resolve(std::string_view name) const;
   Next refuse(std::vector<std::byte>& out, std::uint32_t option, std::uint32_t type, std::string message);
 
+  Next start_tls(std::span<const std::byte> data, std::vector<std::byte>& out);
+
   ExportCatalog& catalog_;
+  TlsMode tls_mode_;
+  bool tls_ = false;  // TLS is established
   std::uint32_t client_flags_ = 0;
   unsigned options_ = 0;
   bool structured_ = false;

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@
 #include "target/nbd/block_status.h"
 #include "target/nbd/handshake.h"
 #include "target/nbd/protocol.h"
+#include "target/nbd/tls.h"
 #include "target/request.h"
 #include "transport/tcp/peer_cred.h"
 
@@ -111,6 +113,39 @@ class RegistryCatalog final : public ExportCatalog {
 
 class Connection;
 
+// A connection's byte stream: the socket, or TLS over it once NBD_OPT_STARTTLS succeeded. An
+// Asio AsyncReadStream and AsyncWriteStream, so asio::async_read/async_write take either.
+class Stream {
+ public:
+  using executor_type = tcp::socket::executor_type;
+  explicit Stream(tcp::socket s) : socket_(std::move(s)) {}
+  executor_type get_executor() { return socket_.get_executor(); }
+  tcp::socket& socket() { return socket_; }
+  asio::ssl::stream<tcp::socket&>& start_tls(asio::ssl::context& ctx) { return tls_.emplace(socket_, ctx); }
+  bool tls() const { return tls_.has_value(); }
+
+  template <typename Buffers, typename Handler>
+  void async_read_some(const Buffers& b, Handler&& h) {
+    if (tls_) {
+      tls_->async_read_some(b, std::forward<Handler>(h));
+    } else {
+      socket_.async_read_some(b, std::forward<Handler>(h));
+    }
+  }
+  template <typename Buffers, typename Handler>
+  void async_write_some(const Buffers& b, Handler&& h) {
+    if (tls_) {
+      tls_->async_write_some(b, std::forward<Handler>(h));
+    } else {
+      socket_.async_write_some(b, std::forward<Handler>(h));
+    }
+  }
+
+ private:
+  tcp::socket socket_;
+  std::optional<asio::ssl::stream<tcp::socket&>> tls_;
+};
+
 struct FreeDeleter {
   void operator()(std::byte* p) const { std::free(p); }
 };
@@ -186,11 +221,11 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
   Connection(std::shared_ptr<detail::NbdServerState> server, tcp::socket socket, std::string peer)
       : server_(std::move(server)),
         log_(server_->log),
-        socket_(std::move(socket)),
+        stream_(std::move(socket)),
         timer_(server_->io),
         peer_(std::move(peer)),
         catalog_(server_->registry),
-        handshake_(catalog_) {
+        handshake_(catalog_, server_->opts.tls ? TlsMode::kRequired : TlsMode::kOff) {
     server_->connections.insert(this);
   }
   ~Connection() {
@@ -211,7 +246,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     const GreetingWire g = make_greeting();
     const auto bytes = bytes_of(g);
     out_.assign(bytes.begin(), bytes.end());
-    asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this()](const error_code& ec, std::size_t) {
+    asio::async_write(stream_, asio::buffer(out_), [self = shared_from_this()](const error_code& ec, std::size_t) {
       if (self->failed(ec, "sending the greeting")) return;
       self->read_client_flags();
     });
@@ -225,8 +260,8 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     log_->log(level, "{}: {}; closing the connection", peer_, why);
     error_code ec;
     timer_.cancel();
-    socket_.shutdown(tcp::socket::shutdown_both, ec);
-    socket_.close(ec);
+    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
+    stream_.socket().close(ec);
     // Replies queued but not yet in a write will never go out.
     for (Op* op : std::exchange(replies_, {})) op->req.reply_sent(-ECONNRESET);
     for (auto& op : ops_) {
@@ -298,7 +333,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     const std::uint32_t len = request_payload(op.nbd);
     if (closed_) return req.data_received(-ECONNRESET);
     if (req.slot.data == nullptr) return discard_payload(req, len);
-    asio::async_read(socket_, asio::buffer(req.slot.data, len),
+    asio::async_read(stream_, asio::buffer(req.slot.data, len),
                      [self = shared_from_this(), &req](const error_code& ec, std::size_t) {
                        if (self->failed(ec, "reading a write payload")) return req.data_received(-ECONNRESET);
                        self->payload_done();
@@ -382,7 +417,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
   }
 
   void read_client_flags() {
-    asio::async_read(socket_, asio::buffer(in_.data(), 4), [self = shared_from_this()](const error_code& ec, std::size_t) {
+    asio::async_read(stream_, asio::buffer(in_.data(), 4), [self = shared_from_this()](const error_code& ec, std::size_t) {
       if (self->failed(ec, "reading the client flags")) return;
       if (self->handshake_.on_client_flags({self->in_.data(), 4}) != Handshake::Next::kOption) {
         self->close(spdlog::level::warn, self->handshake_.reason());
@@ -393,7 +428,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
   }
 
   void read_option_header() {
-    asio::async_read(socket_, asio::buffer(in_.data(), sizeof(OptionHeaderWire)),
+    asio::async_read(stream_, asio::buffer(in_.data(), sizeof(OptionHeaderWire)),
                      [self = shared_from_this()](const error_code& ec, std::size_t) {
                        if (self->failed(ec, "reading an option")) return;
                        self->on_option_header();
@@ -416,7 +451,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     option_ = h.option;
     option_data_.resize(h.length);
     if (h.length == 0) return on_option();
-    asio::async_read(socket_, asio::buffer(option_data_), [self = shared_from_this()](const error_code& ec, std::size_t) {
+    asio::async_read(stream_, asio::buffer(option_data_), [self = shared_from_this()](const error_code& ec, std::size_t) {
       if (self->failed(ec, "reading option data")) return;
       self->on_option();
     });
@@ -434,14 +469,42 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
       close(spdlog::level::warn, handshake_.reason());
       return;
     }
-    asio::async_write(socket_, asio::buffer(out_), [self = shared_from_this(), next](const error_code& ec, std::size_t) {
+    asio::async_write(stream_, asio::buffer(out_), [self = shared_from_this(), next](const error_code& ec, std::size_t) {
       if (self->failed(ec, "sending an option reply")) return;
       switch (next) {
         case Handshake::Next::kOption: return self->read_option_header();
         case Handshake::Next::kTransmission: return self->begin_transmission();
         case Handshake::Next::kClose: return self->close(spdlog::level::info, self->handshake_.reason());
+        case Handshake::Next::kStartTls: return self->start_tls();
       }
     });
+  }
+
+  // NBD_OPT_STARTTLS was acknowledged: the TLS handshake (within the handshake timeout), then
+  // the options go on inside TLS.
+  void start_tls() {
+    NbdTls& tls = *server_->opts.tls;
+    auto& stream = stream_.start_tls(tls.context());
+    tls_handle_ = stream.native_handle();
+    psk_.watch(stream.native_handle());
+    stream.async_handshake(asio::ssl::stream_base::server, [self = shared_from_this()](const error_code& ec) {
+          if (self->failed_tls(ec)) return;
+          self->handshake_.tls_established();
+          SSL* ssl = self->stream_tls_handle();
+          const int group = SSL_get_negotiated_group(ssl);
+          self->log_->info("{}: TLS established ({}, {}, {}, identity '{}')", self->peer_, SSL_get_version(ssl),
+                           SSL_get_cipher_name(ssl), group != 0 ? std::string("key exchange ") + OBJ_nid2sn(group & ~TLSEXT_nid_unknown)
+                                                                : std::string("no key exchange: PSK only"),
+                           self->psk_.identity);
+          self->read_option_header();
+        });
+  }
+
+  bool failed_tls(const error_code& ec) {
+    if (closed_) return true;
+    if (!ec) return false;
+    close(spdlog::level::warn, "TLS handshake failed: " + psk_.failure(ec.message(), *server_->opts.tls));
+    return true;
   }
 
   // --- transmission ------------------------------------------------------------------------
@@ -491,7 +554,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
       paused_ = true;  // resumed when a request is done
       return;
     }
-    asio::async_read(socket_, asio::buffer(in_.data(), sizeof(RequestWire)),
+    asio::async_read(stream_, asio::buffer(in_.data(), sizeof(RequestWire)),
                      [self = shared_from_this()](const error_code& ec, std::size_t n) { self->on_request(ec, n); });
   }
 
@@ -564,7 +627,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
     }
     const std::size_t chunk = std::min<std::size_t>(remaining, kDiscardChunk);
     discard_.resize(std::max(discard_.size(), chunk));
-    asio::async_read(socket_, asio::buffer(discard_.data(), chunk),
+    asio::async_read(stream_, asio::buffer(discard_.data(), chunk),
                      [self = shared_from_this(), &req, remaining, chunk](const error_code& ec, std::size_t) {
                        if (self->failed(ec, "reading a refused write's payload")) return req.data_received(-ECONNRESET);
                        self->discard_payload(req, static_cast<std::uint32_t>(remaining - chunk));
@@ -613,7 +676,7 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
       gather_.emplace_back(op->head.data(), op->head_len);
       if (op->tail_len > 0) gather_.emplace_back(op->tail, op->tail_len);
     }
-    asio::async_write(socket_, gather_, [self = shared_from_this()](const error_code& ec, std::size_t) {
+    asio::async_write(stream_, gather_, [self = shared_from_this()](const error_code& ec, std::size_t) {
       self->writing_ = false;
       const bool bad = self->failed(ec, "sending replies");
       std::vector<Op*> done = std::exchange(self->batch_, {});
@@ -633,7 +696,10 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
 
   std::shared_ptr<detail::NbdServerState> server_;
   std::shared_ptr<spdlog::logger> log_;
-  tcp::socket socket_;
+  Stream stream_;
+  PskAttempt psk_;  // what the TLS handshake showed of the client's key
+  SSL* tls_handle_ = nullptr;
+  SSL* stream_tls_handle() const { return tls_handle_; }
   asio::steady_timer timer_;
   std::string peer_;
   RegistryCatalog catalog_;  // before handshake_, which refers to it
@@ -693,7 +759,8 @@ void detail::NbdServerState::accept() {
     socket.set_option(tcp::no_delay(true), ep_ec);
     self->log->debug("{}: connected", endpoint_text(peer));
     std::string refusal;
-    if (!self->opts.any_local_user) refusal = self->local_user_refusal(socket, peer);
+    // With TLS the key is the proof; without it, a local peer must be our user or root.
+    if (!self->opts.any_local_user && !self->opts.tls) refusal = self->local_user_refusal(socket, peer);
     auto conn = std::make_shared<Connection>(self, std::move(socket), endpoint_text(peer));
     if (!refusal.empty()) {
       self->log->warn("{}: every export refused: {}", endpoint_text(peer), refusal);
@@ -746,8 +813,8 @@ NbdServer::NbdServer(asio::io_context& io, target::ExportRegistry& exports, targ
   }
   if (a.listen(asio::socket_base::max_listen_connections, ec)) throw SystemError("listen(" + where + ")", ec.value(), "");
   state_->port = a.local_endpoint().port();
-  state_->log->info("NBD front end listening on {} (allowed networks: {})", endpoint_text(a.local_endpoint()),
-                    state_->allow.describe());
+  state_->log->info("NBD front end listening on {} (allowed networks: {}; {})", endpoint_text(a.local_endpoint()),
+                    state_->allow.describe(), opts.tls ? opts.tls->description() : std::string("no TLS"));
   state_->accept();
 }
 

@@ -20,6 +20,7 @@ namespace ibdisk::nbd {
 namespace detail {
 struct NbdServerState;
 }
+class NbdTls;
 
 // The IANA port for NBD.
 inline constexpr std::uint16_t kDefaultPort = 10809;
@@ -35,6 +36,9 @@ struct NbdServerOptions {
   // or root (the server refuses every export to anyone else), unless any local user may
   // (serve --insecure).
   bool any_local_user = false;
+  // TLS (tls.h): when set, required of every client (NBD_OPT_STARTTLS before any other
+  // option), and the key, not the local user, is what admits a client.
+  std::shared_ptr<NbdTls> tls;
 };
 
 class NbdServer {

@@ -1,7 +1,8 @@
 // Fuzzes the NBD front end's parsers as a server sees them: the input is a client's byte
 // stream (client flags, options with their data, then transmission requests with payloads).
-// Checks that every reply the handshake produces is well framed and that request checks never
-// pass a request that reaches beyond the export.
+// Checks that every reply the handshake produces is well framed, that a server requiring TLS
+// answers nothing but STARTTLS before it, and that request checks never pass a request that
+// reaches beyond the export.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -72,8 +73,9 @@ struct Stream {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size < 1) return 0;
   Catalog catalog(data[0] & 1);
+  const bool tls_required = data[0] & 2;  // serve --nbd-tls: TLS before anything else
   Stream s{{data + 1, size - 1}};
-  Handshake hs(catalog);
+  Handshake hs(catalog, tls_required ? TlsMode::kRequired : TlsMode::kOff);
   std::span<const std::byte> bytes;
   if (!s.take(4, &bytes) || hs.on_client_flags(bytes) != Handshake::Next::kOption) return 0;
 
@@ -85,8 +87,18 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     std::span<const std::byte> payload;
     if (!s.take(h.length, &payload)) return 0;
     out.clear();
+    const bool in_clear = tls_required && !hs.tls();
     const auto next = hs.on_option(h.option, payload, out);
     if (h.option != kOptExportName) check_replies(out, h.option);
+    // Without TLS established, a server requiring it answers nothing but STARTTLS and ABORT.
+    if (in_clear && h.option != kOptStartTls && h.option != kOptAbort) {
+      require(next != Handshake::Next::kTransmission);
+      require(h.option == kOptExportName || hs.last_error() == kRepErrTlsReqd);
+    }
+    if (next == Handshake::Next::kStartTls) {
+      require(tls_required && !hs.tls());
+      hs.tls_established();  // as if the TLS handshake succeeded
+    }
     if (next == Handshake::Next::kClose) return 0;
     if (next == Handshake::Next::kTransmission) break;
   }

@@ -7,6 +7,8 @@
 
 #include "target/nbd/handshake.h"
 #include "target/nbd/protocol.h"
+#include "target/nbd/tls.h"
+#include "common/error.h"
 
 namespace ibdisk::nbd {
 namespace {
@@ -575,6 +577,100 @@ TEST_F(NbdHandshake, EndlessOptionsClose) {
   Handshake::Next n = Handshake::Next::kOption;
   for (unsigned i = 0; i <= Handshake::kMaxOptions && n == Handshake::Next::kOption; ++i) n = option(kOptList);
   EXPECT_EQ(n, Handshake::Next::kClose);
+}
+
+// TLS required (serve --nbd-tls): before TLS, every option but STARTTLS and ABORT is refused
+// with NBD_REP_ERR_TLS_REQD and EXPORT_NAME closes; STARTTLS is acknowledged once, without
+// data; inside TLS the haggle goes on from a clean slate.
+class NbdHandshakeTls : public NbdHandshake {
+ protected:
+  Handshake tls{catalog, TlsMode::kRequired};
+  Handshake::Next tls_option(std::uint32_t opt, const std::vector<std::byte>& data = {}) {
+    out.clear();
+    return tls.on_option(opt, data, out);
+  }
+  void SetUp() override {
+    NbdHandshake::SetUp();
+    ASSERT_EQ(tls.on_client_flags(be({{kClientFlagFixedNewstyle | kClientFlagNoZeroes, 4}})), Handshake::Next::kOption);
+  }
+};
+
+TEST_F(NbdHandshakeTls, EveryOptionBeforeTlsIsRefusedWithTlsRequired) {
+  for (const std::uint32_t opt : std::vector<std::uint32_t>{kOptList, kOptStructuredReply, kOptInfo, kOptGo, kOptListMetaContext, 0xdead}) {
+    const auto data = (opt == kOptInfo || opt == kOptGo) ? query("disk") : std::vector<std::byte>{};
+    ASSERT_EQ(tls_option(opt, data), Handshake::Next::kOption) << opt;
+    const auto r = replies(out);
+    ASSERT_EQ(r.size(), 1u) << opt;
+    EXPECT_EQ(r[0].type, kRepErrTlsReqd) << opt;
+    EXPECT_NE(std::string(reinterpret_cast<const char*>(r[0].data.data()), r[0].data.size()).find("requires TLS"),
+              std::string::npos);
+  }
+  EXPECT_FALSE(tls.tls());
+  Handshake other{catalog, TlsMode::kRequired};
+  std::vector<std::byte> o;
+  ASSERT_EQ(other.on_client_flags(be({{kClientFlagFixedNewstyle, 4}})), Handshake::Next::kOption);
+  EXPECT_EQ(other.on_option(kOptExportName, text("disk"), o), Handshake::Next::kClose);
+  EXPECT_TRUE(o.empty());
+  EXPECT_NE(other.reason().find("requires TLS"), std::string::npos);
+}
+
+TEST_F(NbdHandshakeTls, StartTlsIsAckedOnceThenOptionsGoOnFromACleanSlate) {
+  ASSERT_EQ(tls_option(kOptStartTls, text("x")), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).at(0).type, kRepErrInvalid);  // STARTTLS takes no data
+  ASSERT_EQ(tls_option(kOptStartTls), Handshake::Next::kStartTls);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepAck);
+  tls.tls_established();
+  EXPECT_TRUE(tls.tls());
+  ASSERT_EQ(tls_option(kOptStartTls), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).at(0).type, kRepErrInvalid);  // once only
+  ASSERT_EQ(tls_option(kOptList), Handshake::Next::kOption);
+  EXPECT_EQ(replies(out).back().type, kRepAck);
+  ASSERT_EQ(tls_option(kOptStructuredReply), Handshake::Next::kOption);
+  ASSERT_EQ(tls_option(kOptGo, query("disk")), Handshake::Next::kTransmission);
+  EXPECT_TRUE(tls.transmission().structured);
+}
+
+// tls_established() forgets what was negotiated in the clear (the protocol requires it: a
+// man in the middle could have chosen it). With TLS required nothing is negotiated before it,
+// so this shows it on a handshake driven by hand.
+TEST_F(NbdHandshakeTls, WhatWasNegotiatedBeforeTlsIsForgotten) {
+  ASSERT_EQ(option(kOptStructuredReply), Handshake::Next::kOption);
+  hs.tls_established();
+  ASSERT_EQ(option(kOptGo, query("disk")), Handshake::Next::kTransmission);
+  EXPECT_FALSE(hs.transmission().structured);
+}
+
+TEST_F(NbdHandshakeTls, AbortBeforeTlsIsAcked) {
+  EXPECT_EQ(tls_option(kOptAbort), Handshake::Next::kClose);
+  EXPECT_EQ(replies(out).at(0).type, kRepAck);
+}
+
+// psktool key files: IDENTITY:HEXKEY lines.
+TEST(NbdPskKeys, ParsesPsktoolLinesAndRefusesBadOnesNamingTheLine) {
+  const std::string k32(64, 'a');
+  const auto keys = parse_psk_keys("alice:" + k32 + "\n\nbob:" + std::string(32, '0') + "\r\n", "f");
+  ASSERT_EQ(keys.size(), 2u);
+  EXPECT_EQ(keys[0].identity, "alice");
+  EXPECT_EQ(keys[0].key, std::string(32, '\xaa'));
+  EXPECT_EQ(keys[1].identity, "bob");
+  EXPECT_EQ(keys[1].key, std::string(16, '\0'));
+  const auto refused = [](const std::string& text) {
+    try {
+      parse_psk_keys(text, "keys.psk");
+    } catch (const SystemError& e) {
+      return std::string(e.what());
+    }
+    return std::string("accepted");
+  };
+  EXPECT_NE(refused("alice" + k32).find("line 1"), std::string::npos);                      // no colon
+  EXPECT_NE(refused("alice:" + k32 + "\n:" + k32).find("line 2"), std::string::npos);        // no identity
+  EXPECT_NE(refused("alice:" + std::string(63, 'a') + "g").find("not hexadecimal"), std::string::npos);
+  EXPECT_NE(refused("alice:abc").find("not hexadecimal"), std::string::npos);               // odd length
+  EXPECT_NE(refused("alice:" + std::string(30, 'a')).find("at least 16"), std::string::npos);
+  EXPECT_NE(refused("a:" + k32 + "\na:" + k32).find("appears twice"), std::string::npos);
+  EXPECT_NE(refused("\n\n").find("holds no key"), std::string::npos);
 }
 
 }  // namespace

@@ -10,11 +10,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <mutex>
 #include <optional>
 #include <thread>
 
@@ -23,6 +26,7 @@
 #include "target/exports.h"
 #include "target/nbd/nbd_server.h"
 #include "target/nbd/protocol.h"
+#include "target/nbd/tls.h"
 #include "target/storage.h"
 #include "tests/support/fixtures.h"
 #include "tests/support/process.h"
@@ -716,6 +720,219 @@ TEST_F(NbdServerTest, QemuImgInfoAndConvertBothWays) {
   EXPECT_EQ(file_sha(dir_ / "iso-copy.img"), sha256_hex(iso_));
   r = testing::run({tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", (dir_ / "src.img").string(), uri("disk")});
   EXPECT_EQ(r.exit_code, 0) << r.output;
+}
+
+// --- TLS (serve --nbd-tls psk:FILE) ---------------------------------------------------------
+
+// Relays loopback TCP connections to the server and records every byte both ways: what a
+// capture of the wire would see.
+class RecordingRelay {
+ public:
+  explicit RecordingRelay(std::uint16_t to) : to_(to), acceptor_(io_, tcp::endpoint(boost::asio::ip::make_address("127.0.0.1"), 0)) {
+    port_ = acceptor_.local_endpoint().port();
+    thread_ = std::thread([this] { accept_loop(); });
+  }
+  ~RecordingRelay() {
+    stop_ = true;
+    boost::system::error_code ec;
+    acceptor_.close(ec);
+    thread_.join();
+    for (auto& t : pumps_) t.join();
+  }
+  std::uint16_t port() const { return port_; }
+  std::string captured() {
+    std::lock_guard<std::mutex> l(mu_);
+    return captured_;
+  }
+
+ private:
+  void accept_loop() {
+    while (!stop_) {
+      pollfd p{acceptor_.native_handle(), POLLIN, 0};
+      if (::poll(&p, 1, 100) != 1) continue;
+      boost::system::error_code ec;
+      tcp::socket client(io_);
+      acceptor_.accept(client, ec);
+      if (ec) continue;
+      auto server = std::make_shared<tcp::socket>(io_);
+      server->connect({boost::asio::ip::make_address("127.0.0.1"), to_}, ec);
+      if (ec) continue;
+      pumps_.emplace_back([this, c = std::make_shared<tcp::socket>(std::move(client)), server] { pump(*c, *server); });
+    }
+  }
+  // Both directions of one connection until either side closes.
+  void pump(tcp::socket& a, tcp::socket& b) {
+    std::array<char, 65536> buf;
+    for (;;) {
+      pollfd p[2] = {{a.native_handle(), POLLIN, 0}, {b.native_handle(), POLLIN, 0}};
+      if (::poll(p, 2, 100) < 0 || stop_) break;
+      for (int i = 0; i < 2; ++i) {
+        if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+        const ssize_t n = ::read(p[i].fd, buf.data(), buf.size());
+        if (n <= 0) return;
+        {
+          std::lock_guard<std::mutex> l(mu_);
+          captured_.append(buf.data(), static_cast<std::size_t>(n));
+        }
+        const int to = i == 0 ? b.native_handle() : a.native_handle();
+        for (ssize_t done = 0; done < n;) {
+          const ssize_t w = ::write(to, buf.data() + done, static_cast<std::size_t>(n - done));
+          if (w <= 0) return;
+          done += w;
+        }
+      }
+    }
+  }
+
+  std::uint16_t to_;
+  boost::asio::io_context io_;
+  tcp::acceptor acceptor_;
+  std::uint16_t port_ = 0;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+  std::vector<std::thread> pumps_;
+  std::mutex mu_;
+  std::string captured_;
+};
+
+// A disk image of a text everyone would recognize on the wire.
+std::vector<std::byte> canary_image(std::size_t n) {
+  static constexpr std::string_view kLine = "IBDISK-PLAINTEXT-CANARY the quick brown fox 0123456789\n";
+  std::vector<std::byte> v(n);
+  for (std::size_t i = 0; i < n; ++i) v[i] = static_cast<std::byte>(kLine[i % kLine.size()]);
+  return v;
+}
+
+// The NBD front end with TLS required, a psktool key file for identity "alice" in its own
+// folder as keys.psk (the name qemu's tls-creds-psk looks for), and a second, wrong key.
+class NbdServerTlsTest : public NbdServerTest {
+ protected:
+  void SetUp() override {
+    keys_ = fs::temp_directory_path() / ("ibdisk-nbd-tls-" + std::to_string(::getpid()));
+    fs::remove_all(keys_);
+    fs::create_directories(keys_ / "wrong");
+    write_new_psk_file((keys_ / "keys.psk").string(), "alice");
+    write_new_psk_file((keys_ / "wrong" / "keys.psk").string(), "alice");
+    NbdServerOptions o;
+    o.tls = NbdTls::psk_file((keys_ / "keys.psk").string());
+    start({}, o);
+  }
+  void TearDown() override {
+    NbdServerTest::TearDown();
+    fs::remove_all(keys_);
+  }
+  std::string tls_uri(const std::string& name, std::uint16_t p = 0, const std::string& who = "alice",
+                      const fs::path& key = {}) const {
+    return "nbds://" + who + "@127.0.0.1:" + std::to_string(p ? p : port()) + "/" + name +
+           "?tls-psk-file=" + (key.empty() ? keys_ / "keys.psk" : key).string();
+  }
+  std::vector<std::string> qemu_tls(const fs::path& dir) const {
+    return {"--object", "tls-creds-psk,id=tls0,endpoint=client,username=alice,dir=" + dir.string()};
+  }
+  std::string qemu_target(const std::string& name) const {
+    return "driver=nbd,host=127.0.0.1,port=" + std::to_string(port()) + ",export=" + name + ",tls-creds=tls0";
+  }
+
+  fs::path keys_;
+};
+
+TEST_F(NbdServerTlsTest, NbdinfoNbdcopyAndQemuImgCopyByteExactOverTlsPsk) {
+  REQUIRE_TOOL("nbdinfo");
+  auto r = testing::run({tool("nbdinfo"), "--size", tls_uri("disk")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(std::stoull(r.output), kDiskSize);
+  if (!tool("nbdcopy").empty()) {
+    const auto src = pattern(kDiskSize, 77);
+    write_file(dir_ / "src.img", src);
+    r = testing::run({tool("nbdcopy"), (dir_ / "src.img").string(), tls_uri("disk")});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "disk.img"), sha256_hex(src));
+    r = testing::run({tool("nbdcopy"), tls_uri("disk"), (dir_ / "back.img").string()});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "back.img"), sha256_hex(src));
+    r = testing::run({tool("nbdcopy"), "--connections=4", tls_uri("iso"), (dir_ / "iso-copy.img").string()});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "iso-copy.img"), sha256_hex(iso_));
+  }
+  if (!tool("qemu-img").empty()) {
+    const auto src = pattern(kDiskSize, 78);
+    write_file(dir_ / "q.img", src);
+    std::vector<std::string> up = {tool("qemu-img"), "convert", "-n"};
+    for (auto& a : qemu_tls(keys_)) up.push_back(a);
+    for (auto a : {"-f", "raw", "--target-image-opts"}) up.push_back(a);
+    up.insert(up.end(), {(dir_ / "q.img").string(), qemu_target("disk")});
+    r = testing::run(up);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "disk.img"), sha256_hex(src));
+    std::vector<std::string> down = {tool("qemu-img"), "convert"};
+    for (auto& a : qemu_tls(keys_)) down.push_back(a);
+    down.insert(down.end(), {"--image-opts", qemu_target("iso"), "-O", "raw", (dir_ / "iso-q.img").string()});
+    r = testing::run(down);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "iso-q.img"), sha256_hex(iso_));
+  }
+}
+
+// No downgrade: a plaintext client gets NBD_REP_ERR_TLS_REQD for everything, and no export.
+TEST_F(NbdServerTlsTest, PlaintextClientIsRefused) {
+  RawClient c(port());
+  const auto reply = c.go("disk");
+  EXPECT_EQ(reply.type, kRepErrTlsReqd);
+  EXPECT_NE(reply.text().find("requires TLS"), std::string::npos) << reply.text();
+  EXPECT_EQ(c.option(kOptList).back().type, kRepErrTlsReqd);
+  if (!tool("nbdinfo").empty()) {
+    const auto r = testing::run({tool("nbdinfo"), "--size", uri("disk")});
+    EXPECT_NE(r.exit_code, 0) << r.output;
+  }
+  if (!tool("nbdcopy").empty()) {  // and writes nothing
+    write_file(dir_ / "src.img", pattern(kDiskSize, 5));
+    const auto r = testing::run({tool("nbdcopy"), (dir_ / "src.img").string(), uri("disk")});
+    EXPECT_NE(r.exit_code, 0) << r.output;
+    EXPECT_EQ(read_file(dir_ / "disk.img"), std::vector<std::byte>(kDiskSize));
+  }
+}
+
+// A wrong key, or an identity the key file does not hold, fails the TLS handshake; the
+// server goes on serving the right key.
+TEST_F(NbdServerTlsTest, WrongKeyOrUnknownIdentityFails) {
+  REQUIRE_TOOL("nbdinfo");
+  auto r = testing::run({tool("nbdinfo"), "--size", tls_uri("disk", 0, "alice", keys_ / "wrong" / "keys.psk")});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("TLS"), std::string::npos) << r.output;  // GnuTLS: "A TLS fatal alert ..."
+  write_new_psk_file((keys_ / "bob.psk").string(), "bob");
+  r = testing::run({tool("nbdinfo"), "--size", tls_uri("disk", 0, "bob", keys_ / "bob.psk")});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  r = testing::run({tool("nbdinfo"), "--size", tls_uri("disk")});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(std::stoull(r.output), kDiskSize);
+}
+
+// The wire between nbdcopy and the server holds none of the plaintext written through it;
+// the same relay without TLS (next test) sees it, so the check can fail.
+TEST_F(NbdServerTlsTest, CaptureOfTheWireShowsNoPlaintext) {
+  REQUIRE_TOOL("nbdcopy");
+  const auto src = canary_image(kDiskSize);
+  write_file(dir_ / "src.img", src);
+  RecordingRelay relay(port());
+  auto r = testing::run({tool("nbdcopy"), (dir_ / "src.img").string(), tls_uri("disk", relay.port())});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = testing::run({tool("nbdcopy"), tls_uri("disk", relay.port()), (dir_ / "back.img").string()});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(file_sha(dir_ / "back.img"), sha256_hex(src));
+  const std::string wire = relay.captured();
+  EXPECT_GT(wire.size(), 2 * kDiskSize);  // both copies went through the relay
+  EXPECT_EQ(wire.find("CANARY"), std::string::npos);
+  EXPECT_EQ(wire.find("quick brown"), std::string::npos);
+}
+
+TEST_F(NbdServerTest, CaptureOfThePlainWireShowsThePlaintext) {
+  REQUIRE_TOOL("nbdcopy");
+  write_file(dir_ / "src.img", canary_image(kDiskSize));
+  RecordingRelay relay(port());
+  const auto r = testing::run({tool("nbdcopy"), (dir_ / "src.img").string(),
+                               "nbd://127.0.0.1:" + std::to_string(relay.port()) + "/disk"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(relay.captured().find("CANARY"), std::string::npos);
 }
 
 // base:allocation: disk.img made sparse with data in a few places; nbdinfo --map and

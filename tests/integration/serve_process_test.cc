@@ -8,6 +8,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -297,6 +298,54 @@ TEST_F(ServeProcess, NbdWithoutKeyRefusesOtherUsers) {
   const auto root = testing::run({"/usr/bin/nbdinfo", uri}, 30000);
   EXPECT_EQ(root.exit_code, 0) << root.output;
   EXPECT_NE(root.output.find("67108864"), std::string::npos) << root.output;
+}
+
+// Issue 19: `keygen --psktool` writes IDENTITY:HEXKEY (mode 0600); `serve --nbd-tls psk:FILE`
+// requires TLS on the NBD port (nbdinfo with the key gets in, without TLS it does not; also
+// uid 65534, as the key and not the local user admits); the same file is ibdisk's --key-file.
+TEST_F(ServeProcess, NbdTlsWithAPsktoolKeyFile) {
+  ASSERT_EQ(::geteuid(), 0u) << "this test runs as root (as the test suite does)";
+  const std::string key = dir_.file("nbd.psk");
+  auto r = testing::run({IBDISK_BINARY, "keygen", "--psktool", key, "--identity", "backup"});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  struct stat st{};
+  ASSERT_EQ(::stat(key.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 0777, 0600u);
+  std::ifstream in(key);
+  std::string line;
+  std::getline(in, line);
+  EXPECT_EQ(line.rfind("backup:", 0), 0u) << line;
+  EXPECT_EQ(line.size(), 7u + 64u) << line;
+  r = testing::run({IBDISK_BINARY, "keygen", "--identity", "x", dir_.file("k2")});
+  EXPECT_EQ(r.exit_code, 2) << r.output;  // --identity without --psktool
+
+  const auto bad = testing::run({IBDISK_BINARY, "serve", "--export", "d=" + dir_.file("none"), "--nbd-tls", "x509:/etc"});
+  EXPECT_NE(bad.exit_code, 0);
+  const std::uint16_t nbd_port = testing::free_port();
+  start({"--nbd-tls", "psk:" + key, "--nbd-port", std::to_string(nbd_port), "--key-file", key});
+  ASSERT_TRUE(serve_->wait_for_output("TLS required", 5000));
+  const std::string tls = "nbds://backup@127.0.0.1:" + std::to_string(nbd_port) + "/d?tls-psk-file=" + key;
+  r = testing::run({"/usr/bin/nbdinfo", "--size", tls}, 30000);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("67108864"), std::string::npos) << r.output;
+  r = testing::run({"/usr/bin/nbdinfo", "--size", "nbd://127.0.0.1:" + std::to_string(nbd_port) + "/d"}, 30000);
+  EXPECT_NE(r.exit_code, 0) << "plaintext NBD got in:\n" << r.output;
+  pump_output(100);
+  if (::access("/usr/bin/setpriv", X_OK) == 0) {  // another local user with a copy of the key
+    const std::string theirs = dir_.file("nobody.psk");
+    std::filesystem::copy_file(key, theirs);
+    ASSERT_EQ(::chown(theirs.c_str(), 65534, 65534), 0);
+    ::chmod(dir_.path().c_str(), 0755);
+    const std::string uri = "nbds://backup@127.0.0.1:" + std::to_string(nbd_port) + "/d?tls-psk-file=" + theirs;
+    r = testing::run({"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/nbdinfo", "--size", uri},
+                     30000);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    pump_output(100);
+  }
+  // ibdisk's own port takes the same file as its key.
+  auto c = client();
+  c.key_file = key;
+  EXPECT_EQ(initiator::Client::connect(c)->list_exports().size(), 1u);
 }
 
 }  // namespace

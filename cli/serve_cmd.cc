@@ -183,9 +183,11 @@ void add_serve(CLI::App& app, const std::function<void(CLI::App*, Runner)>& on_r
   sub->add_flag("--nbd", a->nbd, "also serve the exports over plain NBD (nbd-client, qemu, nbdcopy; see docs/nbd.md)");
   sub->add_option("--nbd-port", a->nbd_port, "port of the NBD front end (implies --nbd)")->capture_default_str();
   sub->add_option("--nbd-tls", a->nbd_tls,
-                  "psk:FILE: the NBD front end requires TLS 1.3 with a key of FILE (GnuTLS psktool's format, made by\n"
-                  "`ibdisk keygen --psktool`; clients: nbds://HOST/NAME?tls-psk-file=FILE); implies --nbd")
-      ->type_name("psk:FILE");
+                  "the NBD front end requires TLS 1.3 (implies --nbd). psk:FILE: a key of FILE (GnuTLS psktool's\n"
+                  "format, made by `ibdisk keygen --psktool`; clients: nbds://HOST/NAME?tls-psk-file=FILE).\n"
+                  "x509:DIR: the certificates of DIR (ca-cert.pem, server-cert.pem, server-key.pem, as for nbdkit);\n"
+                  "clients need a certificate signed by ca-cert.pem (nbd-client -certfile/-keyfile/-cacertfile)")
+      ->type_name("psk:FILE|x509:DIR");
   on_run(sub, [a, sub] { return run_serve(*a, *sub); });
 }
 

@@ -492,10 +492,10 @@ class Connection : public std::enable_shared_from_this<Connection>, public targe
           self->handshake_.tls_established();
           SSL* ssl = self->stream_tls_handle();
           const int group = SSL_get_negotiated_group(ssl);
-          self->log_->info("{}: TLS established ({}, {}, {}, identity '{}')", self->peer_, SSL_get_version(ssl),
+          self->log_->info("{}: TLS established ({}, {}, {}, {})", self->peer_, SSL_get_version(ssl),
                            SSL_get_cipher_name(ssl), group != 0 ? std::string("key exchange ") + OBJ_nid2sn(group & ~TLSEXT_nid_unknown)
                                                                 : std::string("no key exchange: PSK only"),
-                           self->psk_.identity);
+                           self->psk_.who(ssl));
           self->read_option_header();
         });
   }

@@ -933,6 +933,60 @@ TEST_F(NbdServerTest, CaptureOfThePlainWireShowsThePlaintext) {
   EXPECT_NE(relay.captured().find("CANARY"), std::string::npos);
 }
 
+// X.509 (serve --nbd-tls x509:DIR): certificates from tests/nbd/make-test-certs; a client
+// certificate signed by the CA gets in (nbdinfo, qemu-img), none or another CA's does not.
+class NbdServerX509Test : public NbdServerTest {
+ protected:
+  void SetUp() override {
+    certs_ = fs::temp_directory_path() / ("ibdisk-nbd-x509-" + std::to_string(::getpid()));
+    fs::remove_all(certs_);
+    const auto made = testing::run({IBDISK_SOURCE_DIR "/tests/nbd/make-test-certs", certs_.string()});
+    if (made.exit_code != 0) GTEST_SKIP() << "no test certificates: " << made.output;
+    NbdServerOptions o;
+    o.tls = NbdTls::from_spec("x509:" + certs_.string());
+    start({}, o);
+  }
+  void TearDown() override {
+    NbdServerTest::TearDown();
+    fs::remove_all(certs_);
+  }
+  std::string x509_uri(const fs::path& dir) const {
+    return "nbds://127.0.0.1:" + std::to_string(port()) + "/disk?tls-certificates=" + dir.string();
+  }
+  fs::path certs_;
+};
+
+TEST_F(NbdServerX509Test, ClientCertificateSignedByTheCaGetsInOthersDoNot) {
+  REQUIRE_TOOL("nbdinfo");
+  auto r = testing::run({tool("nbdinfo"), "--size", x509_uri(certs_)});
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(std::stoull(r.output), kDiskSize);
+  // The CA alone: the client shows no certificate.
+  fs::create_directories(certs_ / "ca-only");
+  fs::copy_file(certs_ / "ca-cert.pem", certs_ / "ca-only" / "ca-cert.pem");
+  r = testing::run({tool("nbdinfo"), "--size", x509_uri(certs_ / "ca-only")});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  // A client certificate of another CA (which the client trusts; the server does not).
+  const fs::path other = certs_ / "other";
+  ASSERT_EQ(testing::run({IBDISK_SOURCE_DIR "/tests/nbd/make-test-certs", other.string(), "another CA"}).exit_code, 0);
+  fs::copy_file(certs_ / "ca-cert.pem", other / "ca-cert.pem", fs::copy_options::overwrite_existing);
+  r = testing::run({tool("nbdinfo"), "--size", x509_uri(other)});
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  // Plaintext: refused before any export.
+  RawClient c(port());
+  EXPECT_EQ(c.go("disk").type, kRepErrTlsReqd);
+  if (!tool("qemu-img").empty()) {
+    const auto src = pattern(kDiskSize, 79);
+    write_file(dir_ / "q.img", src);
+    const std::string obj = "tls-creds-x509,id=tls0,endpoint=client,dir=" + certs_.string();
+    const std::string target = "driver=nbd,host=127.0.0.1,port=" + std::to_string(port()) + ",export=disk,tls-creds=tls0";
+    r = testing::run({tool("qemu-img"), "convert", "-n", "--object", obj, "-f", "raw", "--target-image-opts",
+                      (dir_ / "q.img").string(), target});
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_EQ(file_sha(dir_ / "disk.img"), sha256_hex(src));
+  }
+}
+
 // base:allocation: disk.img made sparse with data in a few places; nbdinfo --map and
 // qemu-img map list the same extents from this server as from `nbdkit file` on the same
 // file, and nbdcopy (which skips holes) still copies it byte for byte, leaving holes.

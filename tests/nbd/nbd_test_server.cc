@@ -3,7 +3,7 @@
 // driver keeps the tests independent of the rest of the target.
 //
 //   nbd_test_server --export NAME=PATH[,ro][,shared] [--export ...] [--listen ADDR] [--port N]
-//                   [--allow CIDR ...] [--log-level LEVEL]
+//                   [--allow CIDR ...] [--tls psk:FILE|x509:DIR] [--log-level LEVEL]
 // Prints "nbd_test_server: listening on ADDR:PORT" once it accepts connections.
 #include <cstdio>
 #include <iostream>
@@ -17,18 +17,20 @@
 #include "target/acl.h"
 #include "target/exports.h"
 #include "target/nbd/nbd_server.h"
+#include "target/nbd/tls.h"
 #include "target/storage.h"
 #include "transport/tcp/asio.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"Serve exports over NBD (test driver for the ibdisk NBD front end)"};
   std::vector<std::string> export_specs, allow;
-  std::string listen = "127.0.0.1", level = "info";
+  std::string listen = "127.0.0.1", level = "info", tls;
   std::uint16_t port = ibdisk::nbd::kDefaultPort;
   app.add_option("--export", export_specs, "NAME=PATH[,ro][,shared]")->required();
   app.add_option("--listen", listen, "address to listen on");
   app.add_option("--port", port, "TCP port (0: any free port)");
   app.add_option("--allow", allow, "allowed client network (CIDR); default: any");
+  app.add_option("--tls", tls, "psk:FILE or x509:DIR: require TLS (as serve --nbd-tls)");
   app.add_option("--log-level", level, "trace, debug, info, warn, error or off");
   CLI11_PARSE(app, argc, argv);
   try {
@@ -38,8 +40,10 @@ int main(int argc, char** argv) {
     ibdisk::target::ExportRegistry registry(configs);
     boost::asio::io_context io;
     ibdisk::target::StorageEngine engine(io, {});
+    ibdisk::nbd::NbdServerOptions opts;
+    if (!tls.empty()) opts.tls = ibdisk::nbd::NbdTls::from_spec(tls);
     ibdisk::nbd::NbdServer server(io, registry, engine, ibdisk::target::NetworkAllowList(allow),
-                                  {boost::asio::ip::make_address(listen), port});
+                                  {boost::asio::ip::make_address(listen), port}, opts);
     boost::asio::signal_set signals(io, SIGINT, SIGTERM);
     signals.async_wait([&](const boost::system::error_code&, int) {
       server.stop();

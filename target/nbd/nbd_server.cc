@@ -18,6 +18,7 @@
 #include "target/nbd/block_status.h"
 #include "target/nbd/handshake.h"
 #include "target/nbd/protocol.h"
+#include "target/nbd/stream.h"
 #include "target/nbd/tls.h"
 #include "target/request.h"
 #include "transport/tcp/peer_cred.h"
@@ -112,39 +113,6 @@ class RegistryCatalog final : public ExportCatalog {
 };
 
 class Connection;
-
-// A connection's byte stream: the socket, or TLS over it once NBD_OPT_STARTTLS succeeded. An
-// Asio AsyncReadStream and AsyncWriteStream, so asio::async_read/async_write take either.
-class Stream {
- public:
-  using executor_type = tcp::socket::executor_type;
-  explicit Stream(tcp::socket s) : socket_(std::move(s)) {}
-  executor_type get_executor() { return socket_.get_executor(); }
-  tcp::socket& socket() { return socket_; }
-  asio::ssl::stream<tcp::socket&>& start_tls(asio::ssl::context& ctx) { return tls_.emplace(socket_, ctx); }
-  bool tls() const { return tls_.has_value(); }
-
-  template <typename Buffers, typename Handler>
-  void async_read_some(const Buffers& b, Handler&& h) {
-    if (tls_) {
-      tls_->async_read_some(b, std::forward<Handler>(h));
-    } else {
-      socket_.async_read_some(b, std::forward<Handler>(h));
-    }
-  }
-  template <typename Buffers, typename Handler>
-  void async_write_some(const Buffers& b, Handler&& h) {
-    if (tls_) {
-      tls_->async_write_some(b, std::forward<Handler>(h));
-    } else {
-      socket_.async_write_some(b, std::forward<Handler>(h));
-    }
-  }
-
- private:
-  tcp::socket socket_;
-  std::optional<asio::ssl::stream<tcp::socket&>> tls_;
-};
 
 struct FreeDeleter {
   void operator()(std::byte* p) const { std::free(p); }
